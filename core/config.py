@@ -1,0 +1,167 @@
+"""QuantConfig: the one object that says how a model is quantized.
+
+A dataclass that validates itself on construction (torchao style), so a bad config fails before
+any model is built, and serialises to a plain dict through an allow-list, which is what crosses
+from the API to a worker and into a checkpoint header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from core.errors import InvalidConfigError
+
+CONFIG_VERSION = 1
+
+
+class Method(str, Enum):
+    """Quantization methods that share one engine (same quant points, same wrapping)."""
+
+    ISVIT = "isvit"
+    """I&S-ViT: SULQ post-Softmax + three-stage smooth optimization (block reconstruction)."""
+    REPQ = "repq"
+    """RepQ-ViT: channel-wise post-LN calibrated then reparameterized; log-sqrt2 post-Softmax."""
+    PTQ_UNIFORM = "ptq-uniform"
+    """Uniform everywhere, layer-wise activations, percentile/MSE ranges, no reconstruction."""
+
+
+class SoftmaxQuantizer(str, Enum):
+    """Quantizer for post-Softmax activations (input A of ``attn @ v``)."""
+
+    SULQ = "sulq"
+    LOG2 = "log2"
+    LOGSQRT2 = "logsqrt2"
+    UNIFORM = "uniform"
+
+
+class Preset(str, Enum):
+    PAPER = "paper"
+    """The paper's ImageNet setting: 1024 images, batch 64, 1000 iterations (200 at 6+ bits)."""
+    QUICK = "quick"
+    """Sized for CPUs: fewer iterations; the report states it."""
+    SMOKE = "smoke"
+    """Seconds: for tests and wiring checks only."""
+
+
+@dataclass(frozen=True)
+class PresetValues:
+    calib_size: int
+    batch_size: int
+    iters: int
+    iters_high_bits: int
+
+
+PRESETS: dict[Preset, PresetValues] = {
+    Preset.PAPER: PresetValues(calib_size=1024, batch_size=64, iters=1000, iters_high_bits=200),
+    Preset.QUICK: PresetValues(calib_size=1024, batch_size=32, iters=60, iters_high_bits=30),
+    Preset.SMOKE: PresetValues(calib_size=32, batch_size=16, iters=2, iters_high_bits=2),
+}
+
+MIN_BITS, MAX_BITS = 2, 8
+ACT_INIT_IMAGES = 64
+"""Activation and weight quantizers are initialised on this many calibration images (paper)."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize. ``None`` fields are filled from the preset by ``resolved()``."""
+
+    w_bits: int
+    a_bits: int
+    method: Method = Method.ISVIT
+    preset: Preset = Preset.QUICK
+    iters: int | None = None
+    calib_size: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    lr: float = 4e-5
+    softmax_quantizer: SoftmaxQuantizer | None = None
+    sos: bool = True
+    integer_exponent: bool = True
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        for name, enum in (("method", Method), ("preset", Preset)):
+            _coerce_enum(self, name, enum)
+        if self.softmax_quantizer is not None:
+            _coerce_enum(self, "softmax_quantizer", SoftmaxQuantizer)
+        for name in ("w_bits", "a_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidConfigError(f"{name} must be an integer, got {value!r}")
+            if not MIN_BITS <= value <= MAX_BITS:
+                raise InvalidConfigError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {value}")
+        for name, low in (("iters", 0), ("calib_size", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.calib_size is not None and self.calib_size > 100_000:
+            raise InvalidConfigError(f"calib_size must be at most 100000, got {self.calib_size}")
+        if self.batch_size is not None and self.batch_size > 4096:
+            raise InvalidConfigError(f"batch_size must be at most 4096, got {self.batch_size}")
+        if self.iters is not None and self.iters > 100_000:
+            raise InvalidConfigError(f"iters must be at most 100000, got {self.iters}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.lr, int | float) or not 0 < self.lr < 1:
+            raise InvalidConfigError(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.version != CONFIG_VERSION:
+            raise InvalidConfigError(f"unsupported config version {self.version}")
+        if self.method != Method.ISVIT and (self.softmax_quantizer is not None or not self.sos):
+            raise InvalidConfigError("softmax_quantizer and sos are ablation switches of method 'isvit' only")
+
+    def resolved(self) -> QuantConfig:
+        """Fill preset defaults so the stored config says exactly what ran."""
+        values = PRESETS[self.preset]
+        high_bits = min(self.w_bits, self.a_bits) >= 6
+        default_iters = values.iters_high_bits if high_bits else values.iters
+        if self.method != Method.ISVIT:
+            default_iters = 0
+        default_softmax = {
+            Method.ISVIT: SoftmaxQuantizer.SULQ,
+            Method.REPQ: SoftmaxQuantizer.LOGSQRT2,
+            Method.PTQ_UNIFORM: SoftmaxQuantizer.UNIFORM,
+        }[self.method]
+        return dataclasses.replace(
+            self,
+            iters=default_iters if self.iters is None else self.iters,
+            calib_size=values.calib_size if self.calib_size is None else self.calib_size,
+            batch_size=values.batch_size if self.batch_size is None else self.batch_size,
+            softmax_quantizer=self.softmax_quantizer or default_softmax,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Enum) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if not isinstance(data, dict):
+            raise InvalidConfigError("config must be an object")
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise InvalidConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        missing = [name for name in ("w_bits", "a_bits") if name not in data]
+        if missing:
+            raise InvalidConfigError(f"missing config field(s): {', '.join(missing)}")
+        return cls(**data)
+
+
+def _coerce_enum(config: QuantConfig, name: str, enum: type[Enum]) -> None:
+    value = getattr(config, name)
+    if isinstance(value, enum):
+        return
+    try:
+        object.__setattr__(config, name, enum(value))
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum)
+        raise InvalidConfigError(f"{name} must be one of {choices}, got {value!r}") from None
