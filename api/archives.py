@@ -1,0 +1,242 @@
+"""Checks and safe extraction for uploaded dataset archives (ImageFolder in .zip/.tar/.tar.gz, or .npz).
+
+No web imports: the worker uses ``materialize_dataset`` to turn a stored blob back into a local path.
+Rules: no absolute paths, no ``..``, no links or devices, bounded member count and uncompressed size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from api.persistence.storage import ArtifactStore
+
+FORMATS = ("npz", "zip", "tar")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class ArchiveError(ValueError):
+    """The upload is not an acceptable dataset archive; the message says why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_members: int
+    max_bytes: int
+
+
+def detect_format(filename: str, path: Path) -> str:
+    name = filename.lower()
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "tar"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile as exc:
+            raise ArchiveError(f"corrupt zip file: {exc}") from None
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "zip"
+    if head[:2] == b"\x1f\x8b" or (len(head) >= 262 and head[257:262] == b"ustar"):
+        return "tar"
+    raise ArchiveError(
+        "unsupported dataset file: upload an .npz (x, optional y) or an ImageFolder archive (.zip, .tar, .tar.gz)"
+    )
+
+
+def _check_name(name: str) -> PurePosixPath:
+    if not name or "\x00" in name:
+        raise ArchiveError("archive member with an empty or NUL name")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise ArchiveError(f"archive member with an absolute path: {name!r}")
+    path = PurePosixPath(name.replace("\\", "/"))
+    if ".." in path.parts:
+        raise ArchiveError(f"archive member escapes the archive ('..'): {name!r}")
+    return path
+
+
+def check_zip(path: Path, limits: Limits, *, npz: bool = False) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > limits.max_members:
+                raise ArchiveError(f"archive has {len(infos)} members, over the limit {limits.max_members}")
+            total = 0
+            for info in infos:
+                _check_name(info.filename)
+                mode = info.external_attr >> 16
+                if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise ArchiveError(f"archive member is a link or special file: {info.filename!r}")
+                if info.flag_bits & 0x1:
+                    raise ArchiveError(f"archive member is encrypted: {info.filename!r}")
+                if npz and not info.filename.endswith(".npy"):
+                    raise ArchiveError(f".npz member is not an .npy array: {info.filename!r}")
+                total += info.file_size
+                if total > limits.max_bytes:
+                    raise ArchiveError(f"archive expands to more than {limits.max_bytes} bytes")
+            bad = zf.testzip()
+            if bad is not None:
+                raise ArchiveError(f"archive member is corrupt: {bad!r}")
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise ArchiveError(f"corrupt or truncated zip archive: {exc}") from None
+
+
+def check_tar(path: Path, limits: Limits) -> None:
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            count = total = 0
+            for member in tf:
+                count += 1
+                if count > limits.max_members:
+                    raise ArchiveError(f"archive has more members than the limit {limits.max_members}")
+                _check_name(member.name)
+                if not (member.isfile() or member.isdir()):
+                    raise ArchiveError(f"archive member is a link or special file: {member.name!r}")
+                total += member.size
+                if total > limits.max_bytes:
+                    raise ArchiveError(f"archive expands to more than {limits.max_bytes} bytes")
+                if member.isfile():
+                    stream = tf.extractfile(member)
+                    assert stream is not None  # isfile() members always have a stream
+                    while stream.read(1024 * 1024):
+                        pass
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+        raise ArchiveError(f"corrupt or truncated tar archive: {exc}") from None
+
+
+def zlib_error() -> type[Exception]:
+    import zlib
+
+    return zlib.error
+
+
+def extract(path: Path, fmt: str, dest: Path, limits: Limits) -> Path:
+    """Check then extract an ImageFolder archive into ``dest``; return the ImageFolder root."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if fmt == "zip":
+        check_zip(path, limits)
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                rel = _check_name(info.filename)
+                target = dest.joinpath(*rel.parts)
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    elif fmt == "tar":
+        check_tar(path, limits)
+        with tarfile.open(path, "r:*") as tf:
+            tf.extractall(dest, filter="data")
+    else:
+        raise ArchiveError(f"not an archive format: {fmt}")
+    return imagefolder_root(dest)
+
+
+def imagefolder_root(root: Path) -> Path:
+    """Descend through a single wrapping directory (``data/<class>/<image>`` → ``data``)."""
+    while True:
+        entries = [p for p in root.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
+        dirs = [p for p in entries if p.is_dir()]
+        only_dirs = dirs and all(c.is_dir() for c in dirs[0].iterdir() if not c.name.startswith("."))
+        if len(entries) == 1 and only_dirs:
+            children = [c for c in dirs[0].iterdir() if not c.name.startswith(".")]
+            if children:
+                root = dirs[0]
+                continue
+        return root
+
+
+def check_images(root: Path, max_images: int) -> int:
+    """Every file under a class directory decodes as an image; labels come from class directories."""
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ArchiveError("an ImageFolder archive needs one directory per class, holding images")
+    stray = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if stray:
+        raise ArchiveError(f"files outside class directories: {', '.join(sorted(stray)[:5])}")
+    count = 0
+    for class_dir in classes:
+        for file in sorted(class_dir.rglob("*")):
+            if file.is_dir() or file.name.startswith("."):
+                continue
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ArchiveError(f"not an image file: {file.relative_to(root)}")
+            try:
+                with Image.open(file) as image:
+                    image.load()
+            except Exception as exc:  # PIL raises many types for broken files
+                raise ArchiveError(f"image does not decode: {file.relative_to(root)}: {exc}") from None
+            count += 1
+            if count > max_images:
+                raise ArchiveError(f"more than {max_images} images")
+    if count == 0:
+        raise ArchiveError("the archive holds no images")
+    return count
+
+
+def check_npz(path: Path, limits: Limits) -> None:
+    check_zip(path, limits, npz=True)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files:
+                raise ArchiveError(f".npz needs an array 'x' (images); it has {sorted(data.files)}")
+            x = data["x"]
+            if x.ndim not in (3, 4) or x.shape[0] == 0:
+                raise ArchiveError(f"'x' must be N×H×W, N×H×W×C or N×C×H×W (N > 0), got {list(x.shape)}")
+            if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+                raise ArchiveError(f"'x' must be uint8 or float, got {x.dtype}")
+            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+                raise ArchiveError("'x' holds NaN or infinite values")
+            if "y" in data.files:
+                y = data["y"]
+                if y.ndim != 1 or len(y) != len(x):
+                    raise ArchiveError(f"'y' must be 1-D, one label per image, got {list(y.shape)}")
+                if not np.issubdtype(y.dtype, np.integer):
+                    raise ArchiveError(f"'y' must hold integer class labels, got {y.dtype}")
+                if len(y) and y.min() < 0:
+                    raise ArchiveError("'y' holds negative labels")
+    except ArchiveError:
+        raise
+    except ValueError as exc:  # includes "Object arrays cannot be loaded when allow_pickle=False"
+        raise ArchiveError(f"unreadable .npz: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ArchiveError(f"corrupt or truncated .npz: {exc}") from None
+
+
+def materialize_dataset(store: ArtifactStore, cache_dir: Path, *, sha256: str, fmt: str, limits: Limits) -> Path:
+    """A local path core can read for a stored dataset blob (an .npz file or an ImageFolder dir)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    blob = store.local_path(sha256)
+    if fmt == "npz":
+        target = cache_dir / f"{sha256}.npz"
+        if not target.exists():
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz")
+            os.close(fd)
+            shutil.copyfile(blob, tmp)
+            os.replace(tmp, target)
+        return target
+    target = cache_dir / sha256
+    if not target.exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".extract-"))
+        try:
+            extract(blob, fmt, tmp / "data", limits)
+            os.replace(tmp / "data", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return imagefolder_root(target)

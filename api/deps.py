@@ -1,0 +1,59 @@
+"""Typed dependencies: settings, database session, artifact store, the caller's tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from api.persistence.db import session_factory
+from api.persistence.keys import authenticate
+from api.persistence.settings import Settings
+from api.persistence.storage import ArtifactStore, get_store
+from api.persistence.tables import Tenant
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = session_factory(settings.resolved_database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_store_dep(settings: SettingsDep) -> ArtifactStore:
+    return get_store(settings.resolved_storage_dir)
+
+
+StoreDep = Annotated[ArtifactStore, Depends(get_store_dep)]
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `vitq keys create`.")
+
+
+def get_tenant(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Tenant:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", challenge)
+    tenant = authenticate(session, key=credentials.credentials)
+    if tenant is None:
+        raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

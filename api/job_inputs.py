@@ -1,0 +1,152 @@
+"""Turn a job request into what a worker runs, rejecting bad input before anything is queued.
+
+No web imports: the worker calls ``spec_from_stored`` and ``data_path`` with the same rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.archives import Limits, materialize_dataset
+from api.persistence.storage import ArtifactStore
+from api.persistence.tables import Dataset, Model
+from core import DatasetError, ModelSpecError, list_builtin_models, resolve_model_spec
+
+FMNIST_RE = re.compile(r"^fashion-mnist:(train|test)(?::([0-9]{1,6}))?$")
+FMNIST_SIZES = {"train": 60_000, "test": 10_000}
+FMNIST_INFO = {"image_shape": [1, 28, 28], "num_classes": 10, "has_labels": True, "normalized": False}
+
+
+def builtin_ids() -> set[str]:
+    return {m["id"] for m in list_builtin_models()}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    key: str
+    """What results are grouped by: built-in id, uploaded model id, or timm name."""
+    stored: dict[str, Any]
+    """What the job row keeps; ``spec_from_stored`` rebuilds the core spec from it."""
+    spec: Any
+
+
+def resolve_model(session: Session, store: ArtifactStore, *, tenant_id: str, ref: str | dict) -> ResolvedModel:
+    if isinstance(ref, dict):
+        stored = {"kind": "timm", "timm_name": ref["timm_name"], "timm_kwargs": ref.get("timm_kwargs") or {}}
+        spec = spec_from_stored(stored, store)
+        check_buildable(spec)
+        return ResolvedModel(ref["timm_name"], stored, spec)
+    if ref in builtin_ids():
+        stored = {"kind": "builtin", "id": ref}
+        return ResolvedModel(ref, stored, spec_from_stored(stored, store))
+    row = session.scalar(select(Model).where(Model.id == ref, Model.tenant_id == tenant_id))
+    if row is None:
+        raise ModelSpecError(
+            f"unknown model {ref!r}: use a built-in id ({', '.join(sorted(builtin_ids()))}), "
+            'an uploaded model id, or {"timm_name": …, "timm_kwargs": {…}}'
+        )
+    stored = {
+        "kind": "upload",
+        "id": row.id,
+        "sha256": row.sha256,
+        "timm_name": row.timm_name,
+        "timm_kwargs": row.timm_kwargs,
+        "preprocess": row.preprocess,
+    }
+    return ResolvedModel(row.id, stored, spec_from_stored(stored, store))
+
+
+def check_buildable(spec: Any) -> None:
+    """Build the architecture on the meta device: rejects kwargs timm does not take, no memory used."""
+    import torch
+
+    from core.models import create_architecture
+
+    with torch.device("meta"):
+        create_architecture(spec)
+
+
+def spec_from_stored(stored: dict[str, Any], store: ArtifactStore) -> Any:
+    kind = stored["kind"]
+    if kind == "builtin":
+        return resolve_model_spec(stored["id"])
+    spec: dict[str, Any] = {"timm_name": stored["timm_name"], "timm_kwargs": stored["timm_kwargs"]}
+    if kind == "upload":
+        spec["checkpoint"] = str(store.local_path(stored["sha256"]))
+        if stored.get("preprocess"):
+            spec["preprocess"] = stored["preprocess"]
+    return resolve_model_spec(spec)
+
+
+def describe_data(session: Session, *, tenant_id: str, ref: str, role: str) -> dict[str, Any]:
+    """Shape facts about a data reference; raises DatasetError for unknown or malformed ones."""
+    match = FMNIST_RE.match(ref)
+    if match:
+        split, count = match.group(1), match.group(2)
+        if count is not None and not 1 <= int(count) <= FMNIST_SIZES[split]:
+            raise DatasetError(f"{role}: fashion-mnist:{split} has {FMNIST_SIZES[split]} images, asked {count}")
+        return dict(FMNIST_INFO, n=int(count) if count else FMNIST_SIZES[split])
+    if ref.startswith("fashion-mnist"):
+        raise DatasetError(f"{role}: {ref!r} is not fashion-mnist:train[:N] or fashion-mnist:test[:N]")
+    row = session.scalar(select(Dataset).where(Dataset.id == ref, Dataset.tenant_id == tenant_id))
+    if row is None:
+        raise DatasetError(
+            f"{role}: unknown dataset {ref!r}; "
+            "use an uploaded dataset id or fashion-mnist:train[:N] / fashion-mnist:test[:N]"
+        )
+    return {
+        "image_shape": row.image_shape,
+        "num_classes": row.num_classes,
+        "has_labels": row.has_labels,
+        "n": row.n,
+    }
+
+
+def _channels(image_shape: list[int]) -> int:
+    return 1 if len(image_shape) == 2 else int(image_shape[0])
+
+
+def check_data_fits(spec: Any, info: dict[str, Any], *, role: str) -> None:
+    """Core converts 1↔C channels and resizes uint8 images; anything else that cannot fit is a 422."""
+    input_size = [int(v) for v in spec.preprocess.input_size] if spec.preprocess is not None else None
+    shape = [int(v) for v in info["image_shape"]]
+    if input_size is not None:
+        if info.get("normalized") and shape != input_size:
+            raise DatasetError(
+                f"{role}: normalised float images have shape {shape} but the model takes {input_size} (C×H×W)"
+            )
+        channels = _channels(shape)
+        if channels != input_size[0] and 1 not in (channels, input_size[0]):
+            raise DatasetError(
+                f"{role}: images have {channels} channels (shape {shape}) but the model takes "
+                f"{input_size[0]} (input_size {input_size})"
+            )
+    if role == "evaluation" and not info.get("has_labels"):
+        raise DatasetError("evaluation: the dataset has no labels, so accuracy cannot be measured")
+    num_classes = _model_classes(spec)
+    if num_classes and info.get("num_classes") and int(info["num_classes"]) > num_classes:
+        raise DatasetError(
+            f"{role}: the dataset has {info['num_classes']} classes but the model predicts {num_classes}"
+        )
+
+
+def _model_classes(spec: Any) -> int | None:
+    kwargs = getattr(spec, "timm_kwargs", None) or {}
+    value = kwargs.get("num_classes")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def data_path(session: Session, store: ArtifactStore, *, ref: str, cache_dir: Path, limits: Limits) -> str:
+    """What core's ``load_dataset`` takes: the ref itself for fashion-mnist, else a local path."""
+    if FMNIST_RE.match(ref):
+        return ref
+    row = session.get(Dataset, ref)
+    if row is None:
+        raise DatasetError(f"dataset {ref!r} no longer exists")
+    return str(materialize_dataset(store, cache_dir, sha256=row.sha256, fmt=row.format, limits=limits))

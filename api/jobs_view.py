@@ -1,0 +1,61 @@
+"""Job rows → ``JobPublic`` and tenant-scoped job lookup (shared by the job and artifact routes)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import not_found
+from api.persistence.tables import Job, JobEvent
+from api.schemas import JobPublic, WebhookDelivery, WebhookPublic
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def job_public(session: Session, job: Job) -> JobPublic:
+    request = job.request
+    webhook = None
+    if job.webhook_url:
+        events = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.kind == "webhook").order_by(JobEvent.id)
+        ).all()
+        deliveries = [
+            WebhookDelivery(
+                attempt=int((e.data or {}).get("attempt", i + 1)),
+                at=e.at,
+                ok=bool((e.data or {}).get("ok")),
+                status_code=(e.data or {}).get("status_code"),
+                error=(e.data or {}).get("error"),
+            )
+            for i, e in enumerate(events)
+        ]
+        webhook = WebhookPublic(url=job.webhook_url, deliveries=deliveries)
+    progress = dict(job.progress) if job.progress else None
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        model=request["model"],
+        w_bits=request["w_bits"],
+        a_bits=request["a_bits"],
+        method=request["method"],
+        preset=request["preset"],
+        calibration=job.calibration,
+        evaluation=job.evaluation,
+        options=request.get("options") or {},
+        config=job.config,
+        progress=progress,
+        error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+        result=job.result,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        webhook=webhook,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        links={"self": f"/v1/jobs/{job.id}", "artifacts": f"/v1/jobs/{job.id}/artifacts"},
+    )

@@ -1,0 +1,75 @@
+"""All service settings, from ``VITQ_*`` environment variables (pydantic-settings).
+
+Built on demand through ``get_settings()`` (cached) rather than at import time, because Celery
+forks workers and tests change the environment between apps.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VITQ_", extra="ignore")
+
+    data_dir: Path = Field(Path(".vitq"), description="Everything the embedded default keeps lives here.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL. Default: SQLite file `<data_dir>/vitq.db`.")
+    broker_url: str | None = Field(
+        None, description="Celery broker URL. Default: kombu filesystem transport under `<data_dir>/broker`."
+    )
+    storage_dir: Path | None = Field(None, description="Artifact store root. Default: `<data_dir>/store`.")
+    cache_dir: Path | None = Field(
+        None, description="Worker scratch space (extracted datasets). Default: `<data_dir>/cache`."
+    )
+    queue: str = Field("vitq", description="Celery queue the API sends jobs to and workers consume.")
+
+    max_upload_bytes: int = Field(512 * 1024**2, description="Largest accepted upload (bytes).")
+    max_archive_members: int = Field(200_000, description="Most members an uploaded archive may hold.")
+    max_archive_bytes: int = Field(4 * 1024**3, description="Largest uncompressed archive (bytes).")
+
+    job_soft_time_limit_s: int = Field(6 * 3600, description="Soft time limit of one job (seconds).")
+    job_time_limit_s: int = Field(6 * 3600 + 300, description="Hard time limit of one job (seconds).")
+    heartbeat_interval_s: float = Field(2.0, description="How often a running job's heartbeat is written.")
+    stale_after_s: float = Field(60.0, description="A running job without heartbeat this long is re-queued.")
+    reaper_interval_s: float = Field(30.0, description="How often a worker looks for stale jobs.")
+    max_attempts: int = Field(3, description="Attempts before a job whose worker died is failed.")
+    progress_interval_s: float = Field(1.0, description="Minimum seconds between progress writes.")
+
+    webhook_max_retries: int = Field(5, description="Webhook delivery retries (exponential backoff).")
+    webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")
+    webhook_backoff_max_s: int = Field(600, description="Longest wait between webhook retries.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'vitq.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "store").resolve()
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.data_dir / "cache").resolve()
+
+    @property
+    def is_filesystem_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

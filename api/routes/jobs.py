@@ -1,0 +1,187 @@
+"""``/v1/jobs``: create (idempotent), read, list with cursor pagination, cancel, event log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.errors import ApiError
+from api.job_inputs import check_data_fits, describe_data, resolve_model
+from api.jobs_view import get_job, job_public
+from api.persistence.tables import Job, JobErrorCode, JobEvent, JobStatus, new_id, utcnow
+from api.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
+from core import QuantConfig
+from worker.celery_app import send_run_job, send_webhook
+
+log = logging.getLogger("vitq.api")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+RETRY_AFTER_S = "2"
+
+
+def _request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _job_response(response: Response, session: SessionDep, job: Job) -> JobPublic:
+    if not JobStatus(job.status).finished:
+        response.headers["Retry-After"] = RETRY_AFTER_S
+    return job_public(session, job)
+
+
+@router.post("", status_code=202, summary="Create a quantization job")
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return _replay(existing, request_hash, response, session)
+
+    options = body.options.model_dump(exclude_none=True)
+    config = QuantConfig(
+        w_bits=body.w_bits, a_bits=body.a_bits, method=body.method, preset=body.preset, **options
+    ).resolved()
+    model_ref = body.model.model_dump() if not isinstance(body.model, str) else body.model
+    model = resolve_model(session, store, tenant_id=tenant.id, ref=model_ref)
+    calib = describe_data(session, tenant_id=tenant.id, ref=body.calibration, role="calibration")
+    check_data_fits(model.spec, calib, role="calibration")
+    if body.evaluation is not None:
+        evaluation = describe_data(session, tenant_id=tenant.id, ref=body.evaluation, role="evaluation")
+        check_data_fits(model.spec, evaluation, role="evaluation")
+
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant.id,
+        status=JobStatus.QUEUED.value,
+        request=body.model_dump(mode="json"),
+        model_key=model.key,
+        model_spec=model.stored,
+        config=config.to_dict(),
+        calibration=body.calibration,
+        evaluation=body.evaluation,
+        request_hash=request_hash,
+        idempotency_key=idempotency_key,
+        webhook_url=body.webhook_url,
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, kind="created", message="job queued"))
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return _replay(existing, request_hash, response, session)
+
+    try:
+        send_run_job(settings, job.id)
+    except Exception as exc:  # broker down: the job must not stay queued forever
+        log.exception("could not enqueue job %s", job.id)
+        job.status = JobStatus.FAILED.value
+        job.error_code = JobErrorCode.BROKER_UNAVAILABLE.value
+        job.error_message = f"could not reach the broker: {type(exc).__name__}"
+        job.finished_at = utcnow()
+        session.commit()
+        raise ApiError(503, "broker_unavailable", "the job queue is unreachable; try again later") from None
+
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return _job_response(response, session, job)
+
+
+def _replay(existing: Job, request_hash: str, response: Response, session: SessionDep) -> JobPublic:
+    if existing.request_hash != request_hash:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with a different request body",
+        )
+    response.headers["Location"] = f"/v1/jobs/{existing.id}"
+    return _job_response(response, session, existing)
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> JobsPublic:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor:
+        query = query.where(Job.id < cursor)
+    rows = session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)).all()
+    page = rows[:limit]
+    next_cursor = page[-1].id if len(rows) > limit else None
+    return JobsPublic(data=[job_public(session, j) for j in page], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", summary="A job's status, progress, error and result")
+def read_job(job_id: str, response: Response, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    return _job_response(response, session, get_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job (cooperative while running)")
+def cancel_job(
+    job_id: str, response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> JobPublic:
+    job = get_job(session, tenant_id=tenant.id, job_id=job_id)
+    now = utcnow()
+    cancelled_queued = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+        .values(
+            status=JobStatus.CANCELLED.value,
+            cancel_requested=True,
+            error_code=JobErrorCode.CANCELLED.value,
+            error_message="cancelled before it started",
+            finished_at=now,
+            updated_at=now,
+        )
+    ).rowcount
+    if cancelled_queued:
+        session.add(JobEvent(job_id=job.id, kind="cancelled", message="cancelled while queued"))
+    else:
+        requested = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value)
+            .values(cancel_requested=True, updated_at=now)
+        ).rowcount
+        if not requested:
+            session.rollback()
+            session.refresh(job)
+            raise ApiError(409, "job_finished", f"job {job.id} already finished ({job.status})")
+        session.add(JobEvent(job_id=job.id, kind="cancel_requested", message="cancel requested"))
+    session.commit()
+    session.refresh(job)
+    if cancelled_queued and job.webhook_url:
+        try:
+            send_webhook(settings, job.id)
+        except Exception:
+            log.exception("could not enqueue webhook for job %s", job.id)
+    return _job_response(response, session, job)
+
+
+@router.get("/{job_id}/events", summary="The job's event log")
+def job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> JobEventsPublic:
+    job = get_job(session, tenant_id=tenant.id, job_id=job_id)
+    events = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)).all()
+    return JobEventsPublic(data=[JobEventPublic(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in events])

@@ -1,0 +1,176 @@
+"""``/v1/models``: built-in reference models and uploaded checkpoints (checked to fit before storing)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from sqlalchemy import select
+
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.errors import ApiError, not_found
+from api.persistence.tables import Model, new_id
+from api.schemas import ModelPublic, ModelsPublic
+from api.uploads import safe_filename, save_upload, scratch_dir
+from core import ModelSpecError, build_model, list_builtin_models, resolve_model_spec
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+NOTE = (
+    'A job\'s model is a built-in id, an uploaded model id, or {"timm_name", "timm_kwargs"}: '
+    "any timm ViT, DeiT or Swin name is accepted, with overridden sizes (e.g. img_size, patch_size, "
+    "in_chans, num_classes)."
+)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def _builtin_public(m: dict[str, Any]) -> ModelPublic:
+    return ModelPublic(
+        id=m["id"],
+        kind="builtin",
+        timm_name=m["timm_name"],
+        timm_kwargs=m.get("timm_kwargs") or {},
+        preprocess=m.get("preprocess"),
+        fp_top1=m.get("fp_top1"),
+    )
+
+
+def _upload_public(row: Model) -> ModelPublic:
+    return ModelPublic(
+        id=row.id,
+        kind="upload",
+        timm_name=row.timm_name,
+        timm_kwargs=row.timm_kwargs,
+        preprocess=row.preprocess,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        filename=row.filename,
+        created_at=row.created_at,
+    )
+
+
+def _json_object(value: str | None, field: str) -> dict[str, Any] | None:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_request", f"{field} is not valid JSON: {exc.msg}") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(422, "invalid_request", f"{field} must be a JSON object")
+    return parsed
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 2 <= header_len <= 100_000_000 and head[8:9] == b"{"
+
+
+def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
+    """Check a safetensors file, or convert a .pth state dict through ``weights_only`` loading."""
+    import torch
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file, save_file
+
+    if _is_safetensors(raw):
+        try:
+            load_file(str(raw))
+        except (SafetensorsError, OSError, ValueError, RuntimeError) as exc:
+            raise ApiError(422, "invalid_checkpoint", f"corrupt safetensors file: {exc}") from None
+        raw.rename(dest)
+        return
+    if not filename.lower().endswith(PICKLE_SUFFIXES):
+        raise ApiError(422, "invalid_checkpoint", "the file is not safetensors (a .pth state dict is accepted as well)")
+    try:
+        obj = torch.load(str(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code-running pickles, others for garbage
+        raise ApiError(
+            422,
+            "invalid_checkpoint",
+            f"refusing to load the .pth file (only plain tensors are allowed, weights_only=True): "
+            f"{type(exc).__name__}: {str(exc)[:300]}",
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        raise ApiError(422, "invalid_checkpoint", "the .pth file is not a state dict of named tensors")
+    save_file({k: v.contiguous() for k, v in obj.items()}, str(dest))
+
+
+@router.post("", status_code=201, summary="Upload a checkpoint with its timm name and kwargs")
+def upload_model(
+    file: Annotated[UploadFile, File(description="safetensors (or a .pth state dict, loaded weights-only)")],
+    timm_name: Annotated[str, Form(min_length=1, max_length=200)],
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    tenant: TenantDep,
+    timm_kwargs: Annotated[str | None, Form(max_length=20_000, description="JSON object")] = None,
+    preprocess: Annotated[str | None, Form(max_length=20_000, description="JSON object")] = None,
+) -> ModelPublic:
+    kwargs = _json_object(timm_kwargs, "timm_kwargs") or {}
+    prep = _json_object(preprocess, "preprocess")
+    filename = safe_filename(file.filename, "model.safetensors")
+    with scratch_dir(settings.resolved_cache_dir / "uploads") as tmp:
+        raw = tmp / "upload"
+        size = save_upload(file, raw, max_bytes=settings.max_upload_bytes)
+        weights = tmp / "model.safetensors"
+        _to_safetensors(raw, filename, weights)
+        spec_dict: dict[str, Any] = {
+            "timm_name": timm_name,
+            "timm_kwargs": kwargs,
+            "checkpoint": str(weights),
+        }
+        if prep is not None:
+            spec_dict["preprocess"] = prep
+        try:
+            build_model(resolve_model_spec(spec_dict))
+        except (ModelSpecError, TypeError, ValueError, KeyError, RuntimeError) as exc:
+            # timm raises plain TypeError/RuntimeError for kwargs it rejects or shapes that do not fit.
+            raise ApiError(422, "invalid_model", f"the checkpoint does not fit {timm_name}: {exc}") from None
+        sha, _ = store.put_file(weights)
+    row = Model(
+        id=new_id("mdl"),
+        tenant_id=tenant.id,
+        filename=filename,
+        timm_name=timm_name,
+        timm_kwargs=kwargs,
+        preprocess=prep,
+        sha256=sha,
+        size_bytes=size,
+    )
+    session.add(row)
+    session.commit()
+    response.headers["Location"] = f"/v1/models/{row.id}"
+    return _upload_public(row)
+
+
+@router.get("", summary="Built-in reference models and your uploads")
+def list_models(session: SessionDep, tenant: TenantDep) -> ModelsPublic:
+    rows = session.scalars(select(Model).where(Model.tenant_id == tenant.id).order_by(Model.id.desc())).all()
+    data = [_builtin_public(m) for m in list_builtin_models()] + [_upload_public(r) for r in rows]
+    return ModelsPublic(data=data, note=NOTE)
+
+
+@router.get("/{model_id}", summary="A built-in or uploaded model")
+def read_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
+    for m in list_builtin_models():
+        if m["id"] == model_id:
+            return _builtin_public(m)
+    row = session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant.id))
+    if row is None:
+        raise not_found("model", model_id)
+    return _upload_public(row)

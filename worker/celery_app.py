@@ -1,0 +1,66 @@
+"""The Celery application, built from settings. Importing this module imports no task code (no torch),
+so the API can send tasks by name with it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from api.persistence.settings import Settings
+
+RUN_JOB = "vitq.run_job"
+DELIVER_WEBHOOK = "vitq.deliver_webhook"
+
+
+def make_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
+    app = Celery("vitq", broker=settings.resolved_broker_url, include=["worker.tasks"] if include_tasks else [])
+    transport_options: dict = {}
+    if settings.is_filesystem_broker:
+        folder = settings.broker_folder
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.5,
+        }
+    elif settings.resolved_broker_url.startswith(("redis://", "rediss://")):
+        # Longer than any job: an unacked message is redelivered only after the worker is gone.
+        transport_options = {"visibility_timeout": settings.job_time_limit_s + 600}
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_default_queue=settings.queue,
+        task_routes={RUN_JOB: {"queue": settings.queue}, DELIVER_WEBHOOK: {"queue": settings.queue}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_soft_time_limit=settings.job_soft_time_limit_s,
+        task_time_limit=settings.job_time_limit_s,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+_apps: dict[str, Celery] = {}
+
+
+def celery_for(settings: Settings) -> Celery:
+    """A cached client app per broker/queue (the API only sends)."""
+    key = f"{settings.resolved_broker_url}|{settings.queue}|{settings.broker_folder}"
+    if key not in _apps:
+        _apps[key] = make_celery(settings)
+    return _apps[key]
+
+
+def send_run_job(settings: Settings, job_id: str) -> None:
+    celery_for(settings).send_task(RUN_JOB, args=[job_id], queue=settings.queue)
+
+
+def send_webhook(settings: Settings, job_id: str) -> None:
+    celery_for(settings).send_task(DELIVER_WEBHOOK, args=[job_id], queue=settings.queue)
