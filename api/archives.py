@@ -79,7 +79,7 @@ def check_zip(path: Path, limits: Limits, *, npz: bool = False) -> None:
             for info in infos:
                 _check_name(info.filename)
                 mode = info.external_attr >> 16
-                if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                     raise ArchiveError(f"archive member is a link or special file: {info.filename!r}")
                 if info.flag_bits & 0x1:
                     raise ArchiveError(f"archive member is encrypted: {info.filename!r}")

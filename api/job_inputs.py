@@ -5,7 +5,10 @@ No web imports: the worker calls ``spec_from_stored`` and ``data_path`` with the
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +39,17 @@ class ResolvedModel:
     spec: Any
 
 
-def resolve_model(session: Session, store: ArtifactStore, *, tenant_id: str, ref: str | dict) -> ResolvedModel:
+def resolve_model(
+    session: Session, store: ArtifactStore, *, tenant_id: str, ref: str | dict, cache_dir: Path
+) -> ResolvedModel:
     if isinstance(ref, dict):
         stored = {"kind": "timm", "timm_name": ref["timm_name"], "timm_kwargs": ref.get("timm_kwargs") or {}}
-        spec = spec_from_stored(stored, store)
+        spec = spec_from_stored(stored, store, cache_dir)
         check_buildable(spec)
         return ResolvedModel(ref["timm_name"], stored, spec)
     if ref in builtin_ids():
         stored = {"kind": "builtin", "id": ref}
-        return ResolvedModel(ref, stored, spec_from_stored(stored, store))
+        return ResolvedModel(ref, stored, spec_from_stored(stored, store, cache_dir))
     row = session.scalar(select(Model).where(Model.id == ref, Model.tenant_id == tenant_id))
     if row is None:
         raise ModelSpecError(
@@ -59,7 +64,7 @@ def resolve_model(session: Session, store: ArtifactStore, *, tenant_id: str, ref
         "timm_kwargs": row.timm_kwargs,
         "preprocess": row.preprocess,
     }
-    return ResolvedModel(row.id, stored, spec_from_stored(stored, store))
+    return ResolvedModel(row.id, stored, spec_from_stored(stored, store, cache_dir))
 
 
 def check_buildable(spec: Any) -> None:
@@ -72,13 +77,25 @@ def check_buildable(spec: Any) -> None:
         create_architecture(spec)
 
 
-def spec_from_stored(stored: dict[str, Any], store: ArtifactStore) -> Any:
+def model_file(store: ArtifactStore, sha256: str, cache_dir: Path) -> Path:
+    """The stored weights under a ``.safetensors`` name (core picks the reader by suffix)."""
+    target = cache_dir / "models" / f"{sha256}.safetensors"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        os.close(fd)
+        shutil.copyfile(store.local_path(sha256), tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def spec_from_stored(stored: dict[str, Any], store: ArtifactStore, cache_dir: Path) -> Any:
     kind = stored["kind"]
     if kind == "builtin":
         return resolve_model_spec(stored["id"])
     spec: dict[str, Any] = {"timm_name": stored["timm_name"], "timm_kwargs": stored["timm_kwargs"]}
     if kind == "upload":
-        spec["checkpoint"] = str(store.local_path(stored["sha256"]))
+        spec["checkpoint"] = str(model_file(store, stored["sha256"], cache_dir))
         if stored.get("preprocess"):
             spec["preprocess"] = stored["preprocess"]
     return resolve_model_spec(spec)
@@ -105,6 +122,7 @@ def describe_data(session: Session, *, tenant_id: str, ref: str, role: str) -> d
         "num_classes": row.num_classes,
         "has_labels": row.has_labels,
         "n": row.n,
+        "normalized": row.normalized,
     }
 
 

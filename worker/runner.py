@@ -254,7 +254,7 @@ def run_job(settings: Settings, job_id: str, *, soft_timeout: type[BaseException
         with JobMonitor(settings, job_id, me) as monitor:
             try:
                 with session_scope(db_url) as session:
-                    spec = spec_from_stored(stored_spec, store)
+                    spec = spec_from_stored(stored_spec, store, settings.resolved_cache_dir)
                     cache = settings.resolved_cache_dir / "datasets"
                     calibration = data_path(session, store, ref=calibration_ref, cache_dir=cache, limits=limits)
                     evaluation = (

@@ -57,7 +57,7 @@ def create_job(
         w_bits=body.w_bits, a_bits=body.a_bits, method=body.method, preset=body.preset, **options
     ).resolved()
     model_ref = body.model.model_dump() if not isinstance(body.model, str) else body.model
-    model = resolve_model(session, store, tenant_id=tenant.id, ref=model_ref)
+    model = resolve_model(session, store, tenant_id=tenant.id, ref=model_ref, cache_dir=settings.resolved_cache_dir)
     calib = describe_data(session, tenant_id=tenant.id, ref=body.calibration, role="calibration")
     check_data_fits(model.spec, calib, role="calibration")
     if body.evaluation is not None:

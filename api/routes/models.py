@@ -75,13 +75,13 @@ def _is_safetensors(path: Path) -> bool:
 def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
     """Check a safetensors file, or convert a .pth state dict through ``weights_only`` loading."""
     import torch
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     if _is_safetensors(raw):
         try:
             load_file(str(raw))
-        except (SafetensorsError, OSError, ValueError, RuntimeError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise ApiError(422, "invalid_checkpoint", f"corrupt safetensors file: {exc}") from None
         raw.rename(dest)
         return

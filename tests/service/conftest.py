@@ -86,7 +86,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, migrated_pg: str) -> Itera
     from api.app import create_app
 
     data_dir = tmp_path_factory.mktemp("service")
-    settings = make_settings(data_dir, migrated_pg, max_upload_bytes=8 * 1024 * 1024)
+    settings = make_settings(data_dir, migrated_pg, max_upload_bytes=16 * 1024 * 1024)
     with session_scope(migrated_pg) as session:
         key_a = create_key(session, tenant_name=f"tenant-a-{secrets.token_hex(3)}").key
         key_b = create_key(session, tenant_name=f"tenant-b-{secrets.token_hex(3)}").key

@@ -1,0 +1,29 @@
+"""Shared assertions for the end-to-end tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def assert_checkpoint_reproduces_report(checkpoint: Path, data: Path, report: dict[str, Any]) -> None:
+    """Load the downloaded checkpoint with core and evaluate it: top-1 equals the report's, exactly."""
+    from core import evaluate, load, load_dataset, read_checkpoint_metadata, resolve_model_spec
+
+    metadata = read_checkpoint_metadata(str(checkpoint))
+    spec = resolve_model_spec({k: v for k, v in metadata["model"].items() if v is not None})
+    model = load(str(checkpoint))
+    metrics = evaluate(model, load_dataset(str(data), spec.preprocess))
+    assert metrics["n"] == report["quant"]["n"]
+    assert metrics["top1"] == report["quant"]["top1"], (metrics, report["quant"])
