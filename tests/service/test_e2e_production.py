@@ -22,6 +22,9 @@ from vitq.client import Client
 pytestmark = pytest.mark.slow
 
 
+FINISHED: dict = {}
+
+
 @pytest.fixture(scope="module")
 def production(tmp_path_factory, migrated_pg, redis_url):
     data_dir = tmp_path_factory.mktemp("prod")
@@ -124,7 +127,7 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path):
 
     report = json.loads(report_path.read_text())
     assert report["quant"]["top1"] == result["quant_top1"]
-    assert_checkpoint_reproduces_report(ckpt, npz, report)
+    FINISHED.update(checkpoint=ckpt, data=npz, report=report)
 
     rows = client.results(model=model["id"], w_bits=4, a_bits=4, method="isvit")
     assert [r["job_id"] for r in rows] == [done["id"]]
@@ -135,3 +138,10 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'vitq_job_duration_seconds_count{status="succeeded"}' in metrics
     assert 'vitq_jobs{status="cancelled"}' in metrics
+
+
+def test_downloaded_checkpoint_reproduces_report_top1():
+    """core.load + core.evaluate on the downloaded checkpoint gives the report's top-1 exactly."""
+    if not FINISHED:
+        pytest.fail("the end-to-end job did not finish (see the test above)")
+    assert_checkpoint_reproduces_report(FINISHED["checkpoint"], FINISHED["data"], FINISHED["report"])

@@ -1,0 +1,118 @@
+"""End to end through `vitq serve` (the embedded default: SQLite, filesystem broker, local store,
+API + one worker process), driven by the client and the `vitq jobs` CLI verbs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
+from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, write_npz
+from tests.service.helpers import assert_checkpoint_reproduces_report
+from vitq.client import Client
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(vitq_command(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_end_to_end(tmp_path):
+    data_dir = tmp_path / "vitq-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITQ_")}
+    env |= {"VITQ_DATA_DIR": str(data_dir), "VITQ_HEARTBEAT_INTERVAL_S": "1"}
+    # a key made before `vitq serve` starts works against it
+    made = _cli(env, "keys", "create", "--tenant", "team-a", "--json", timeout=120)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = start(vitq_command("serve", "--port", str(port)), env, tmp_path / "serve.log")
+    try:
+        wait_http(f"{url}/readyz", proc=serve)
+        assert (data_dir / "vitq.db").is_file() and (data_dir / "local-api-key").is_file()
+        local_key = (data_dir / "local-api-key").read_text().strip()
+        assert local_key in (tmp_path / "serve.log").read_text()  # printed at start
+        assert httpx.get(f"{url}/v1/tenant", headers={"Authorization": f"Bearer {local_key}"}).json()["name"] == "local"
+
+        client = Client(url, api_key=key, timeout=120)
+        model = client.upload_model(
+            BUILTIN_WEIGHTS,
+            timm_name=FMNIST_TIMM["timm_name"],
+            timm_kwargs=FMNIST_TIMM["timm_kwargs"],
+            preprocess=FMNIST_TIMM["preprocess"],
+        )
+        npz = write_npz(tmp_path / "eval.npz", n=40, offset=200)
+        dataset = client.upload_dataset(npz)
+
+        cli_env = env | {"VITQ_URL": url, "VITQ_API_KEY": key}
+        submitted = _cli(
+            cli_env,
+            "jobs",
+            "submit",
+            "--model",
+            model["id"],
+            "--w-bits",
+            "4",
+            "--a-bits",
+            "4",
+            "--preset",
+            "smoke",
+            "--calib",
+            "fashion-mnist:train:16",
+            "--eval",
+            dataset["id"],
+            "--calib-size",
+            "16",
+            "--iters",
+            "1",
+            "--wait",
+            "--timeout",
+            "500",
+        )
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        job = json.loads(submitted.stdout)
+        assert job["status"] == "succeeded", job
+        assert "succeeded" in submitted.stderr  # progress lines were shown
+
+        status = _cli(cli_env, "jobs", "status", job["id"])
+        assert status.returncode == 0 and json.loads(status.stdout)["result"] == job["result"]
+        out = tmp_path / "artifacts"
+        downloaded = _cli(cli_env, "jobs", "download", job["id"], "--out", str(out))
+        assert downloaded.returncode == 0, downloaded.stderr
+        assert sorted(Path(p).name for p in downloaded.stdout.split()) == [
+            "checkpoint.safetensors",
+            "report.html",
+            "report.json",
+        ]
+        ckpt = out / "checkpoint.safetensors"
+        assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == job["result"]["checkpoint_sha256"]
+        report = json.loads((out / "report.json").read_text())
+        assert report["quant"]["top1"] == job["result"]["quant_top1"]
+
+        other = _cli(cli_env | {"VITQ_API_KEY": local_key}, "jobs", "status", job["id"])
+        assert other.returncode == 2 and "404" in other.stderr  # another tenant's job
+        assert client.results(model=model["id"])[0]["job_id"] == job["id"]
+        assert_checkpoint_reproduces_report(ckpt, npz, report)
+    finally:
+        stop(serve)
+        print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
+    assert serve.returncode is not None
+    # serve stopped its worker too: no process is left with this data directory in its environment
+    marker = f"VITQ_DATA_DIR={data_dir}".encode()
+    leftovers = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                leftovers.append(environ.parent.name)
+        except OSError:
+            continue
+    assert not leftovers, f"processes left running: {leftovers}"
