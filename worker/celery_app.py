@@ -32,6 +32,8 @@ def make_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
+        # The API answers 503 quickly when the broker is down rather than hanging the request.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         task_default_queue=settings.queue,
         task_routes={RUN_JOB: {"queue": settings.queue}, DELIVER_WEBHOOK: {"queue": settings.queue}},
         task_acks_late=True,

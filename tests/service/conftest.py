@@ -9,9 +9,11 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
@@ -131,3 +133,29 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class WebhookReceiver(BaseHTTPRequestHandler):
+    """Records POSTs; answers with the queued ``statuses`` first, then 200."""
+
+    statuses: list[int] = []
+    received: list[tuple[dict, bytes]] = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        type(self).received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(type(self).statuses.pop(0) if type(self).statuses else 200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    WebhookReceiver.statuses, WebhookReceiver.received = [], []
+    server = HTTPServer(("127.0.0.1", 0), WebhookReceiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", WebhookReceiver
+    server.shutdown()

@@ -6,6 +6,7 @@ next one), run a job to success, download and check the artifacts, and re-evalua
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import subprocess
@@ -18,6 +19,7 @@ from tests.service.conftest import free_port, start, stop, vitq_command, wait_ht
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, write_npz
 from tests.service.helpers import assert_checkpoint_reproduces_report, wait_for
 from vitq.client import Client
+from worker.webhooks import verify
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +62,7 @@ def production(tmp_path_factory, migrated_pg, redis_url):
             print(f"--- {name} (tail)\n" + (data_dir / name).read_text(errors="replace")[-3000:])
 
 
-def test_cancel_then_next_job_then_artifacts(production, tmp_path):
+def test_cancel_then_next_job_then_artifacts(production, tmp_path, receiver):
     url, key, data_dir = production
     client = Client(url, api_key=key, timeout=120)
     model = client.upload_model(
@@ -81,7 +83,9 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path):
         "evaluation": dataset["id"],
     }
     long_job = client.submit_job(**common, options={"iters": 100_000, "calib_size": 16})
-    next_job = client.submit_job(**common, options={"calib_size": 16, "iters": 1})
+    hook_url, hook = receiver
+    hook.statuses.append(503)  # the first delivery fails; Celery retries it with backoff
+    next_job = client.submit_job(**common, options={"calib_size": 16, "iters": 1}, webhook_url=hook_url)
 
     # cancel the long job once it is optimizing; it must end within 10 s
     def optimizing() -> bool:
@@ -123,8 +127,6 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path):
     assert httpx.get(base, headers=headers | {"If-None-Match": f'"{sha}"'}).status_code == 304
     assert httpx.get(base, headers=headers | {"Range": "bytes=999999999-"}).status_code == 416
 
-    import json
-
     report = json.loads(report_path.read_text())
     assert report["quant"]["top1"] == result["quant_top1"]
     FINISHED.update(checkpoint=ckpt, data=npz, report=report)
@@ -135,6 +137,12 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path):
 
     events = [e["kind"] for e in httpx.get(f"{url}/v1/jobs/{done['id']}/events", headers=headers).json()["data"]]
     assert events[0] == "created" and "started" in events and "stage" in events and events[-1] == "succeeded"
+    wait_for(lambda: len(hook.received) >= 2, timeout=60, what="the webhook retry")
+    secret = httpx.get(f"{url}/v1/tenant", headers=headers).json()["webhook_secret"]
+    for hook_headers, body in hook.received:
+        assert verify(secret, hook_headers, body) and json.loads(body)["type"] == "job.succeeded"
+    deliveries = client.get_job(done["id"])["webhook"]["deliveries"]
+    assert [(d["attempt"], d["ok"], d["status_code"]) for d in deliveries] == [(1, False, 503), (2, True, 200)]
     metrics = httpx.get(f"{url}/metrics").text
     assert 'vitq_job_duration_seconds_count{status="succeeded"}' in metrics
     assert 'vitq_jobs{status="cancelled"}' in metrics

@@ -19,6 +19,7 @@ from tests.service.helpers import assert_checkpoint_reproduces_report
 from vitq.client import Client
 
 pytestmark = pytest.mark.slow
+FINISHED: dict = {}
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -101,7 +102,7 @@ def test_serve_end_to_end(tmp_path):
         other = _cli(cli_env | {"VITQ_API_KEY": local_key}, "jobs", "status", job["id"])
         assert other.returncode == 2 and "404" in other.stderr  # another tenant's job
         assert client.results(model=model["id"])[0]["job_id"] == job["id"]
-        assert_checkpoint_reproduces_report(ckpt, npz, report)
+        FINISHED.update(checkpoint=ckpt, data=npz, report=report)
     finally:
         stop(serve)
         print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
@@ -116,3 +117,10 @@ def test_serve_end_to_end(tmp_path):
         except OSError:
             continue
     assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_serve_checkpoint_reproduces_report_top1():
+    """core.load + core.evaluate on the checkpoint downloaded from `vitq serve` gives the report's top-1."""
+    if not FINISHED:
+        pytest.fail("the serve end-to-end job did not finish (see the test above)")
+    assert_checkpoint_reproduces_report(FINISHED["checkpoint"], FINISHED["data"], FINISHED["report"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from sqlalchemy import select, update
@@ -165,32 +164,9 @@ def test_uploaded_model_and_datasets_materialize_for_core(service, tmp_path):
         assert len(load_dataset(local, spec.preprocess)) == 10
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    statuses: list[int] = []
-    received: list[tuple[dict, bytes]] = []
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers["content-length"]))
-        type(self).received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(type(self).statuses.pop(0) if type(self).statuses else 200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def receiver():
-    _Receiver.statuses, _Receiver.received = [500], []
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", _Receiver
-    server.shutdown()
-
-
 def test_webhook_signed_retried_and_recorded(service, receiver):
     url, handler = receiver
+    handler.statuses.append(500)
     job_id = _submit(service, webhook_url=url)
     assert deliver_once(service.settings, job_id) is None  # not finished: nothing to send
     service.client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(service.key_a))
