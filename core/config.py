@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from core.errors import InvalidConfigError
@@ -17,7 +17,7 @@ from core.errors import InvalidConfigError
 CONFIG_VERSION = 1
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     """Quantization methods that share one engine (same quant points, same wrapping)."""
 
     ISVIT = "isvit"
@@ -28,7 +28,7 @@ class Method(str, Enum):
     """Uniform everywhere, layer-wise activations, percentile/MSE ranges, no reconstruction."""
 
 
-class SoftmaxQuantizer(str, Enum):
+class SoftmaxQuantizer(StrEnum):
     """Quantizer for post-Softmax activations (input A of ``attn @ v``)."""
 
     SULQ = "sulq"
@@ -37,13 +37,20 @@ class SoftmaxQuantizer(str, Enum):
     UNIFORM = "uniform"
 
 
-class Preset(str, Enum):
+class Preset(StrEnum):
     PAPER = "paper"
     """The paper's ImageNet setting: 1024 images, batch 64, 1000 iterations (200 at 6+ bits)."""
     QUICK = "quick"
     """Sized for CPUs: fewer iterations; the report states it."""
     SMOKE = "smoke"
     """Seconds: for tests and wiring checks only."""
+
+
+DEFAULT_SOFTMAX = {
+    Method.ISVIT: SoftmaxQuantizer.SULQ,
+    Method.REPQ: SoftmaxQuantizer.LOGSQRT2,
+    Method.PTQ_UNIFORM: SoftmaxQuantizer.UNIFORM,
+}
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,8 @@ class QuantConfig:
             raise InvalidConfigError(f"lr must be in (0, 1), got {self.lr!r}")
         if self.version != CONFIG_VERSION:
             raise InvalidConfigError(f"unsupported config version {self.version}")
-        if self.method != Method.ISVIT and (self.softmax_quantizer is not None or not self.sos):
+        fixed_softmax = DEFAULT_SOFTMAX[self.method]
+        if self.method != Method.ISVIT and (self.softmax_quantizer not in (None, fixed_softmax) or not self.sos):
             raise InvalidConfigError("softmax_quantizer and sos are ablation switches of method 'isvit' only")
 
     def resolved(self) -> QuantConfig:
@@ -122,17 +130,12 @@ class QuantConfig:
         default_iters = values.iters_high_bits if high_bits else values.iters
         if self.method != Method.ISVIT:
             default_iters = 0
-        default_softmax = {
-            Method.ISVIT: SoftmaxQuantizer.SULQ,
-            Method.REPQ: SoftmaxQuantizer.LOGSQRT2,
-            Method.PTQ_UNIFORM: SoftmaxQuantizer.UNIFORM,
-        }[self.method]
         return dataclasses.replace(
             self,
             iters=default_iters if self.iters is None else self.iters,
             calib_size=values.calib_size if self.calib_size is None else self.calib_size,
             batch_size=values.batch_size if self.batch_size is None else self.batch_size,
-            softmax_quantizer=self.softmax_quantizer or default_softmax,
+            softmax_quantizer=self.softmax_quantizer or DEFAULT_SOFTMAX[self.method],
         )
 
     def to_dict(self) -> dict[str, Any]:

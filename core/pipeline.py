@@ -1,0 +1,155 @@
+"""One quantization run end to end: the code path shared by the CLI and the service worker.
+
+Build the float model, read the data, measure the float model, quantize, measure the quantized
+model, and write ``checkpoint.safetensors`` and ``report.json`` into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.checkpoint import library_versions, save
+from core.config import ACT_INIT_IMAGES, QuantConfig
+from core.data import load_dataset
+from core.device import resolve_device
+from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
+from core.models import ModelSpec, build_model, resolve_model_spec
+from core.quantize import ProgressFn, StopFn, quantize
+from core.wrap import weight_layers
+
+REPORT_VERSION = 1
+
+
+@torch.no_grad()
+def layer_sqnr(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
+    """SQNR (dB) of every quantized layer's output against the float model's same layer.
+
+    Each model runs on its own inputs, so the figure is the error accumulated up to that layer.
+    """
+    outputs: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    names = [name for name, _ in weight_layers(qmodel)]
+    for model, slot in ((fp_model, 0), (qmodel, 1)):
+        for name in names:
+            def hook(_m, _a, out, name=name, slot=slot):
+                outputs.setdefault(name, [None, None])[slot] = out.detach().float()
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        fp_model(images)
+        qmodel(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = []
+    for name in names:
+        ref, quant = outputs[name]
+        noise = (quant - ref).pow(2).sum().clamp_min(1e-30)
+        result.append({"name": name, "sqnr_db": round(float(10 * torch.log10(ref.pow(2).sum() / noise)), 3)})
+    return result
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_quantization(
+    model_spec: str | dict[str, Any] | ModelSpec,
+    config: QuantConfig,
+    calibration: str,
+    evaluation: str | None,
+    out_dir: str | Path,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Quantize and evaluate; write ``checkpoint.safetensors`` and ``report.json``; return the report."""
+    started = time.perf_counter()
+    spec = resolve_model_spec(model_spec)
+    config = config.resolved()
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def emit(stage: str) -> None:
+        if progress is not None:
+            progress({"stage": stage, "unit": "", "index": 0, "total": 1, "loss": None, "done": 0, "total_steps": 0})
+
+    emit("load")
+    t0 = time.perf_counter()
+    model = build_model(spec).to(dev)
+    calib_ds = load_dataset(calibration, spec.preprocess)
+    calib = calib_ds.images(config.calib_size)
+    eval_ds = load_dataset(evaluation, spec.preprocess) if evaluation else None
+    labels = dataset_labels(eval_ds) if eval_ds is not None else None
+    seconds["load"] = time.perf_counter() - t0
+
+    fp_metrics: dict[str, Any] | None = None
+    fp_logits = None
+    if eval_ds is not None:
+        emit("evaluate_fp")
+        t0 = time.perf_counter()
+        fp_logits = predict_logits(model, eval_ds, dev)
+        fp_metrics = accuracy(fp_logits, labels)
+        seconds["evaluate_fp"] = time.perf_counter() - t0
+
+    qmodel = quantize(model, config, calib, progress=progress, should_stop=should_stop, device=dev)
+    seconds.update(qmodel.seconds)
+    seconds.pop("total", None)
+
+    quant_metrics: dict[str, Any] | None = None
+    if eval_ds is not None:
+        emit("evaluate_quant")
+        t0 = time.perf_counter()
+        q_logits = predict_logits(qmodel.model, eval_ds, dev)
+        quant_metrics = {**accuracy(q_logits, labels), **agreement(fp_logits, q_logits)}
+        seconds["evaluate_quant"] = time.perf_counter() - t0
+
+    layers = layer_sqnr(model.eval(), qmodel.model, calib[:ACT_INIT_IMAGES].to(dev))
+    spec_public = {**spec.to_dict(), "checkpoint": None}
+    report: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "model": spec_public,
+        "w_bits": config.w_bits,
+        "a_bits": config.a_bits,
+        "method": config.method.value,
+        "preset": config.preset.value,
+        "config": config.to_dict(),
+        "calibration": {"source": calibration, "sha256": calib_ds.fingerprint, "n": int(calib.shape[0])},
+        "evaluation": {"source": evaluation, "sha256": eval_ds.fingerprint if eval_ds is not None else None},
+        "fp": fp_metrics,
+        "quant": quant_metrics,
+        "reparam_logit_change": qmodel.reparam_logit_change,
+        "reconstruction": qmodel.reconstruction,
+        "layers": layers,
+        "device": str(dev),
+        "versions": library_versions(),
+    }
+    emit("save")
+    t0 = time.perf_counter()
+    save(qmodel, out / "checkpoint.safetensors", metadata={
+        "model": spec_public, "method": config.method.value, "w_bits": config.w_bits, "a_bits": config.a_bits,
+        "calibration_sha256": calib_ds.fingerprint, "fp": fp_metrics, "quant": quant_metrics,
+    })
+    seconds["save"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - started
+    report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    write_json_atomic(out / "report.json", report)
+    return report

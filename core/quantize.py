@@ -1,0 +1,184 @@
+"""``quantize``: the one verb. Dispatches on ``config.method`` to the three shared-engine methods.
+
+isvit: calibrate (channel-wise post-LN, SULQ) → stage 1 (activations only, reconstruct with FP
+inputs and targets) → stage 2 (lossless reparameterization) → stage 3 (weights too, reconstruct
+with quantized inputs, FP targets). repq: calibrate → reparameterize → weights. ptq-uniform:
+calibrate layer-wise → weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.calibrate import calibrate_activations, init_weight_quantizers
+from core.config import ACT_INIT_IMAGES, Method, QuantConfig
+from core.device import resolve_device
+from core.errors import CancelledError, DatasetError
+from core.reconstruct import capture_unit_io, reconstruct_unit
+from core.reparameterize import reparameterize
+from core.wrap import find_units, set_quant_state, wrap_model
+
+ProgressFn = Callable[[dict[str, Any]], None]
+StopFn = Callable[[], bool]
+
+
+@dataclass
+class QuantizedModel:
+    """The fake-quantized model plus what it took to make it (for the report and checkpoint)."""
+
+    model: nn.Module
+    config: QuantConfig
+    seconds: dict[str, float] = field(default_factory=dict)
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)
+    reparam_logit_change: float | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class _Progress:
+    """Counts optimisation steps across stages so callers can show percent and ETA."""
+
+    def __init__(self, callback: ProgressFn | None, total_steps: int) -> None:
+        self.callback, self.total_steps, self.done = callback, total_steps, 0
+
+    def emit(self, stage: str, unit: str, index: int, total: int, loss: float | None = None) -> None:
+        if self.callback is not None:
+            self.callback(
+                {"stage": stage, "unit": unit, "index": index, "total": total, "loss": loss,
+                 "done": self.done, "total_steps": self.total_steps}
+            )
+
+
+def _check_stop(should_stop: StopFn | None) -> None:
+    if should_stop is not None and should_stop():
+        raise CancelledError("cancelled")
+
+
+def _reconstruct_all(
+    stage: str,
+    model: nn.Module,
+    fp_model: nn.Module,
+    images: torch.Tensor,
+    config: QuantConfig,
+    progress: _Progress,
+    should_stop: StopFn | None,
+    inputs_from_fp: bool,
+) -> list[dict[str, Any]]:
+    units = find_units(model)
+    total = len(units) * config.iters
+    log = []
+    capture_batch = max(config.batch_size, 64)
+    for u, name in enumerate(units):
+        _check_stop(should_stop)
+        source = fp_model if inputs_from_fp else model
+        inputs = capture_unit_io(source, name, images, capture_batch, output=False)
+        targets = capture_unit_io(fp_model, name, images, capture_batch, output=True)
+        base = u * config.iters
+
+        def on_step(step: int, base: int = base, name: str = name) -> None:
+            progress.done += 1
+            progress.emit(stage, name, base + step + 1, total)
+
+        result = reconstruct_unit(
+            model.get_submodule(name), inputs, targets, iters=config.iters, batch_size=config.batch_size,
+            lr=config.lr, seed=config.seed * 1000 + u, on_step=on_step, should_stop=should_stop,
+        )
+        del inputs, targets
+        progress.emit(stage, name, base + config.iters, total, loss=result.loss_end)
+        log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end})
+    return log
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: torch.Tensor,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    device: str | torch.device | None = None,
+) -> QuantizedModel:
+    """Quantize a copy of ``model`` (a timm ViT/DeiT/Swin) with ``config`` on calibration images.
+
+    ``calib`` is a float tensor N×C×H×W, already preprocessed. ``should_stop`` is polled between
+    optimisation steps; when it returns True a ``CancelledError`` is raised within one step.
+    """
+    config = config.resolved()
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or calib.shape[0] == 0:
+        raise DatasetError("calibration data must be a non-empty N×C×H×W tensor")
+    dev = resolve_device(device)
+    torch.manual_seed(config.seed)
+    images = calib[: config.calib_size].to(dev, torch.float32)
+    init_images = images[:ACT_INIT_IMAGES]
+    qmodel = wrap_model(copy.deepcopy(model).float(), config).to(dev).eval()
+    fp_model = copy.deepcopy(qmodel)
+    for p in list(qmodel.parameters()) + list(fp_model.parameters()):
+        p.requires_grad_(False)
+
+    units = len(find_units(qmodel))
+    recon_stages = 0
+    if config.method == Method.ISVIT:
+        recon_stages = 2 if config.sos else 1
+    tracker = _Progress(progress, units * config.iters * recon_stages)
+    result = QuantizedModel(qmodel, config)
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[name] = result.seconds.get(name, 0.0) + now - clock
+        clock = now
+
+    tracker.emit("calibrate", "", 0, 1)
+    calibrate_activations(qmodel, init_images)
+    _check_stop(should_stop)
+    lap("calibrate")
+
+    if config.method == Method.ISVIT and config.sos:
+        set_quant_state(qmodel, weights=False, activations=True)
+        result.reconstruction += _reconstruct_all(
+            "stage1", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=True
+        )
+        lap("stage1")
+        result.reparam_logit_change = _reparameterize_measured(qmodel, init_images)
+        tracker.emit("stage2", "", 1, 1)
+        lap("stage2")
+        init_weight_quantizers(qmodel)
+        set_quant_state(qmodel, weights=True, activations=True)
+        result.reconstruction += _reconstruct_all(
+            "stage3", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False
+        )
+        lap("stage3")
+    else:
+        if config.method in (Method.ISVIT, Method.REPQ):
+            result.reparam_logit_change = _reparameterize_measured(qmodel, init_images)
+            lap("reparameterize")
+        init_weight_quantizers(qmodel)
+        set_quant_state(qmodel, weights=True, activations=True)
+        lap("weights")
+        if config.method == Method.ISVIT:
+            result.reconstruction += _reconstruct_all(
+                "reconstruct", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False
+            )
+            lap("reconstruct")
+    result.seconds["total"] = sum(result.seconds.values())
+    return result
+
+
+@torch.no_grad()
+def _reparameterize_measured(model: nn.Module, images: torch.Tensor) -> float:
+    """Apply stage 2 and return the relative logit change it causes with the current quantizers on.
+
+    Mathematically zero with quantizers off; with them on, only the non-integer z̃ moves it.
+    """
+    before = model(images)
+    reparameterize(model)
+    after = model(images)
+    return float((after - before).norm() / before.norm().clamp_min(1e-12))

@@ -1,0 +1,55 @@
+"""What every quantizer shares: the enable/calibrate switches and the straight-through round."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+class ActQuantizer(nn.Module):
+    """Base for fake-quantizers.
+
+    ``enabled`` off makes the module the identity, which is how the float model, stage 1 of SOS
+    (weights off) and the lossless-reparameterization test are expressed with one model.
+    ``calibrating`` on makes the next forward set the parameters from the tensor it sees and
+    pass the tensor through unchanged.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.enabled = False
+        self.calibrating = False
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    def calibrate(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Integer codes in [0, 2^b) that the quantized value is stored as."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            with torch.no_grad():
+                self.calibrate(x.detach())
+            self.initialized.fill_(True)
+            return x
+        if not self.enabled:
+            return x
+        return self.quantize(x)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, enabled={self.enabled}"

@@ -1,0 +1,157 @@
+"""Uniform asymmetric quantizer with MSE-searched percentile ranges, per tensor or per channel.
+
+The range search is vectorised over channels: each channel's values are sorted once and every
+candidate percentile pair is read off the sorted rows, so a ViT-B layer costs a few tensor ops,
+not a Python loop per channel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from core.quantizers.base import ActQuantizer, round_ste
+
+ACT_PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
+WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.999, 0.9999, 0.99999, 1.0)
+
+
+def _rows(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+    """View ``x`` as (channels, values); one row for a per-tensor quantizer."""
+    if channel_dim is None:
+        return x.reshape(1, -1)
+    return x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+
+
+def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for the range [lo, hi]: ``s = (hi - lo)/(2^b - 1)``, ``z = round(-lo/s)``."""
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    zero_point = torch.round(-lo / scale)
+    return scale, zero_point
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reference formula with a straight-through round; used for range search over many candidates."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
+    return scale * (q - zero_point)
+
+
+def fused_fake_quant_per_channel(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, axis: int
+) -> torch.Tensor:
+    """``fake_quant`` through PyTorch's fused per-channel kernel (one pass, same STE gradient)."""
+    return torch.fake_quantize_per_channel_affine(
+        x, scale.reshape(-1).float(), zero_point.reshape(-1).to(torch.int32), axis, 0, 2**bits - 1
+    )
+
+
+def fused_fake_quant_per_tensor(x: torch.Tensor, s: float, z: float, bits: int) -> torch.Tensor:
+    """``fake_quant`` through PyTorch's fused kernels (one pass, same straight-through gradient).
+
+    A non-integer per-tensor zero point (stage 2's z̃) cannot go to the kernel; there
+    ``s·clamp(round(x/s) + z, 0, L-1) - s·z == clamp(s·round(x/s), -s·z, s·(L-1-z))``, so the kernel
+    runs with zero point 0 and wide integer bounds, and the exact bounds follow as a float clamp.
+    """
+    top = 2**bits - 1
+    if z == round(z):
+        return torch.fake_quantize_per_tensor_affine(x, s, int(z), 0, top)
+    low, high = min(0, math.floor(-z) - 1), max(0, math.ceil(top - z) + 1)
+    return torch.fake_quantize_per_tensor_affine(x, s, 0, low, high).clamp(-s * z, s * (top - z))
+
+
+def mse_range_search(
+    x: torch.Tensor, bits: int, channel_dim: int | None, percentiles: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x``, the (scale, zero point) of the percentile pair with the smallest MSE.
+
+    Returns 1-D tensors of length ``channels`` (1 for per-tensor).
+    """
+    rows = _rows(x.float(), channel_dim)
+    sorted_rows, _ = rows.sort(dim=1)
+    n = sorted_rows.shape[1]
+    best_err = torch.full((rows.shape[0],), float("inf"), device=x.device)
+    best_scale = torch.ones(rows.shape[0], device=x.device)
+    best_zero = torch.zeros(rows.shape[0], device=x.device)
+    for p in percentiles:
+        hi_idx = min(n - 1, max(0, round(p * (n - 1))))
+        lo_idx = min(n - 1, max(0, round((1 - p) * (n - 1))))
+        lo = sorted_rows[:, lo_idx]
+        hi = sorted_rows[:, hi_idx]
+        scale, zero = uniform_params(lo, hi, bits)
+        deq = fake_quant(rows, scale[:, None], zero[:, None], bits)
+        err = (deq - rows).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+class UniformQuantizer(ActQuantizer):
+    """``q = clamp(round(x/s) + z, 0, 2^b - 1)``, ``x̂ = s (q - z)``.
+
+    ``channel_dim`` None is per tensor; otherwise one (s, z) per index along that dimension
+    (-1 for post-LayerNorm activations, 0 for weights' output channels). Stage 2 of SOS turns
+    a per-channel quantizer into a per-tensor one with ``set_params`` and a non-integer z̃.
+    """
+
+    def __init__(
+        self, bits: int, channel_dim: int | None = None, percentiles: Sequence[float] = ACT_PERCENTILES
+    ) -> None:
+        super().__init__(bits)
+        self.channel_dim = channel_dim
+        self.percentiles = tuple(percentiles)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+
+    def _broadcast_shape(self, x: torch.Tensor) -> list[int]:
+        """(C,) for the last dimension, so one quantizer serves 3-D and 4-D activations alike."""
+        dim = self.channel_dim % x.dim()
+        if dim == x.dim() - 1:
+            return [x.shape[dim]]
+        shape = [1] * x.dim()
+        shape[dim] = x.shape[dim]
+        return shape
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        scale, zero = mse_range_search(x, self.bits, self.channel_dim, self.percentiles)
+        if self.channel_dim is None:
+            self.set_params(scale[0], zero[0])
+        else:
+            shape = self._broadcast_shape(x)
+            self.set_params(scale.reshape(shape), zero.reshape(shape))
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Replace the parameters (shape may change: per-channel to per-tensor in stage 2)."""
+        self.scale = scale.detach().clone().to(self.scale.dtype)
+        self.zero_point = zero_point.detach().clone().to(self.zero_point.dtype)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.numel() > 1
+
+    def _host_params(self) -> tuple[float, float]:
+        """(s, z) as Python floats, read once per parameter change: no device sync per forward."""
+        key = (self.scale.data_ptr(), self.zero_point.data_ptr(), self.scale._version, self.zero_point._version)
+        if getattr(self, "_host_key", None) != key:
+            self._host = (float(self.scale), float(self.zero_point))
+            self._host_key = key
+        return self._host
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            return fused_fake_quant_per_channel(x, self.scale, self.zero_point, self.bits, self._channel_axis(x))
+        s, z = self._host_params()
+        return fused_fake_quant_per_tensor(x, s, z, self.bits)
+
+    def _channel_axis(self, x: torch.Tensor) -> int:
+        return x.dim() - 1 if self.scale.dim() == 1 else self.channel_dim % x.dim()
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.levels - 1)
+
+    def extra_repr(self) -> str:
+        mode = "per-channel" if self.per_channel else "per-tensor"
+        return f"bits={self.bits}, {mode}, enabled={self.enabled}"

@@ -1,0 +1,44 @@
+"""SOS stage 2: turn channel-wise post-LayerNorm quantizers into layer-wise ones, losslessly.
+
+For a per-channel quantizer (s, z) between LayerNorm (γ, β) and Linear (W, b):
+``s̃ = mean(s)``, ``z̃ = mean(z)``, ``r = s/s̃``, ``β_off = (-z·s)/r - (-z̃·s̃)``;
+``γ ← γ/r``, ``β ← β/r - β_off``; ``W[:, j] ← W[:, j]·r_j``, ``b ← b + W_new β_off``.
+With quantizers off the model computes the same function; with them on, the only change comes
+from z̃ being non-integer, which we keep (the paper's choice).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.quant_linear import QuantLinear
+from core.wrap import find_ln_pairs
+
+
+@torch.no_grad()
+def reparameterize_pair(ln: nn.LayerNorm, linear: QuantLinear) -> None:
+    quantizer = linear.input_quantizer
+    s = quantizer.scale.reshape(-1).to(linear.weight.dtype)
+    z = quantizer.zero_point.reshape(-1).to(linear.weight.dtype)
+    s_mean, z_mean = s.mean(), z.mean()
+    r = s / s_mean
+    beta_off = (-z * s) / r - (-z_mean * s_mean)
+    ln.weight.div_(r)
+    ln.bias.div_(r).sub_(beta_off)
+    linear.weight.mul_(r[None, :])
+    extra = linear.weight @ beta_off
+    if linear.bias is None:
+        linear.bias = nn.Parameter(extra)
+    else:
+        linear.bias.add_(extra)
+    quantizer.set_params(s_mean, z_mean)
+    quantizer.channel_dim = None
+
+
+def reparameterize(model: nn.Module) -> int:
+    """Apply stage 2 to every channel-wise post-LN quantizer; returns how many were changed."""
+    pairs = find_ln_pairs(model)
+    for ln, linear in pairs:
+        reparameterize_pair(ln, linear)
+    return len(pairs)

@@ -1,0 +1,1 @@
+"""vitq: the command line (``vitq``), benchmarks and the Python client of the service."""

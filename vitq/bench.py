@@ -1,0 +1,121 @@
+"""Benchmarks as commands: methods × bit widths, and the I&S-ViT ablation, on one model.
+
+The float model, the calibration images and the float logits on the evaluation set are computed
+once and shared by every row, so rows differ only in how they quantize.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import QuantConfig, build_model, load_dataset, quantize, resolve_model_spec
+from core.checkpoint import library_versions
+from core.device import resolve_device
+from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
+
+
+@dataclass
+class BenchSetup:
+    model_name: str
+    preset: str
+    calib: str
+    eval: str
+    device: str | None = None
+    calib_size: int | None = None
+    iters: int | None = None
+
+
+def run_rows(
+    setup: BenchSetup,
+    rows: list[dict[str, Any]],
+    progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
+) -> dict[str, Any]:
+    """Quantize and evaluate once per row (``QuantConfig`` fields plus an optional ``label``)."""
+    spec = resolve_model_spec(setup.model_name)
+    dev = resolve_device(setup.device)
+    model = build_model(spec).to(dev)
+    calib_ds = load_dataset(setup.calib, spec.preprocess)
+    eval_ds = load_dataset(setup.eval, spec.preprocess)
+    labels = dataset_labels(eval_ds)
+    t0 = time.perf_counter()
+    fp_logits = predict_logits(model, eval_ds, dev)
+    fp = accuracy(fp_logits, labels)
+    fp_seconds = time.perf_counter() - t0
+    calib = calib_ds.images()
+    results = []
+    for row in rows:
+        fields = {k: v for k, v in row.items() if k != "label"}
+        fields.setdefault("preset", setup.preset)
+        if setup.calib_size is not None:
+            fields.setdefault("calib_size", setup.calib_size)
+        if setup.iters is not None and fields.get("method", "isvit") == "isvit":
+            fields.setdefault("iters", setup.iters)
+        config = QuantConfig(**fields).resolved()
+        label = row.get("label") or f"{config.method.value} W{config.w_bits}A{config.a_bits}"
+        callback = progress_factory(label) if progress_factory else None
+        t0 = time.perf_counter()
+        qmodel = quantize(model, config, calib, progress=callback, device=dev)
+        quant_seconds = time.perf_counter() - t0
+        close = getattr(callback, "close", None)
+        if close:
+            close()
+        q_logits = predict_logits(qmodel.model, eval_ds, dev)
+        metrics = {**accuracy(q_logits, labels), **agreement(fp_logits, q_logits)}
+        results.append({
+            "label": label, "method": config.method.value, "w_bits": config.w_bits, "a_bits": config.a_bits,
+            "softmax_quantizer": config.softmax_quantizer.value, "sos": config.sos,
+            "integer_exponent": config.integer_exponent, "iters": config.iters, "calib_size": int(calib.shape[0]),
+            "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"], "agreement": metrics["agreement"],
+            "logit_sqnr_db": metrics["logit_sqnr_db"], "drop": fp["top1"] - metrics["top1"],
+            "seconds": round(quant_seconds, 2), "stage_seconds": {k: round(v, 2) for k, v in qmodel.seconds.items()},
+        })
+        del qmodel
+    return {
+        "model": setup.model_name, "preset": setup.preset, "calib": setup.calib, "eval": setup.eval,
+        "device": str(dev), "threads": torch.get_num_threads(), "fp_top1": fp["top1"], "fp_top5": fp["top5"],
+        "fp_eval_seconds": round(fp_seconds, 2), "versions": library_versions(), "results": results,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"model `{report['model']}`, preset `{report['preset']}`, calibration `{report['calib']}`, "
+        f"evaluation `{report['eval']}`, device `{report['device']}`; FP top-1 {100 * report['fp_top1']:.2f}",
+        "",
+        "| row | W/A | top-1 | drop vs FP | top-1 agreement with FP | logit SQNR (dB) | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['label']} | W{r['w_bits']}A{r['a_bits']} | {100 * r['top1']:.2f} | {100 * r['drop']:.2f} | "
+            f"{100 * r['agreement']:.2f} | {r['logit_sqnr_db']:.2f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, report: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+
+def method_rows(bits: list[int], methods: list[str]) -> list[dict[str, Any]]:
+    return [{"w_bits": b, "a_bits": b, "method": m} for b in bits for m in methods]
+
+
+def ablation_rows(bits: int) -> list[dict[str, Any]]:
+    rows = []
+    for sos in (True, False):
+        for softmax in ("sulq", "log2", "logsqrt2", "uniform"):
+            rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": softmax, "sos": sos,
+                         "label": f"{softmax}, SOS {'on' if sos else 'off'}"})
+    rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "integer_exponent": False,
+                 "label": "sulq (real-valued exponent), SOS on"})
+    return rows

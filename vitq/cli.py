@@ -1,0 +1,176 @@
+"""``vitq``: quantize, evaluate and benchmark from the shell; service verbs when the service is installed.
+
+Errors the user can fix print one line and exit with status 2; nothing prints a traceback for
+bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import VitqError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quick", choices=["paper", "quick", "smoke"])
+    p.add_argument("--iters", type=int, help="reconstruction iterations per unit per stage (overrides preset)")
+    p.add_argument("--calib-size", type=int, help="calibration images used (overrides preset)")
+    p.add_argument("--device", help="torch device (default: the accelerator if present, else cpu)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from core import QuantConfig, run_quantization
+    from vitq.progress import ProgressBar
+
+    fields: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "method": args.method,
+                              "preset": args.preset, "seed": args.seed}
+    for name in ("iters", "calib_size", "batch_size", "softmax_quantizer"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.no_sos:
+        fields["sos"] = False
+    if args.real_exponent:
+        fields["integer_exponent"] = False
+    config = QuantConfig(**fields)
+    bar = ProgressBar(disable=args.quiet)
+    try:
+        report = run_quantization(args.model, config, args.calib, args.eval, args.out, progress=bar, device=args.device)
+    finally:
+        bar.close()
+    out = Path(args.out)
+    print(f"model      {args.model} ({report['model']['timm_name']})")
+    print(f"config     {report['method']} W{report['w_bits']}A{report['a_bits']}, preset {report['preset']}, "
+          f"iters {report['config']['iters']}, calibration {report['calibration']['n']} images")
+    if report["fp"] is not None:
+        q = report["quant"]
+        print(f"FP top-1   {100 * report['fp']['top1']:.2f}  (n={report['fp']['n']})")
+        print(f"quant top-1 {100 * q['top1']:.2f}  agreement with FP {100 * q['agreement']:.2f}  "
+              f"logit SQNR {q['logit_sqnr_db']:.2f} dB")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
+    print(f"time       {stages}")
+    print(f"wrote      {out / 'checkpoint.safetensors'} and {out / 'report.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from core import evaluate, load, load_dataset, read_checkpoint_metadata
+    from core.models import build_model, make_spec, resolve_model_spec
+
+    target = args.target
+    if target.endswith(".safetensors") and Path(target).is_file():
+        header = read_checkpoint_metadata(target)
+        spec = make_spec({**header["model"], "checkpoint": None})
+        model = load(target)
+    else:
+        spec = resolve_model_spec(target)
+        model = build_model(spec)
+    dataset = load_dataset(args.data, spec.preprocess)
+    print(json.dumps(evaluate(model, dataset, device=args.device)))
+    return 0
+
+
+def _run_bench(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
+    from vitq.bench import BenchSetup, markdown_table, run_rows, write_json
+    from vitq.progress import ProgressBar
+
+    setup = BenchSetup(args.model, args.preset, args.calib, args.eval, args.device, args.calib_size, args.iters)
+    report = run_rows(setup, rows, progress_factory=lambda label: ProgressBar(label, disable=args.quiet))
+    print(markdown_table(report))
+    if args.json:
+        write_json(args.json, report)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vitq.bench import method_rows
+
+    return _run_bench(args, method_rows(args.bits, args.methods))
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from vitq.bench import ablation_rows
+
+    return _run_bench(args, ablation_rows(args.bits))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitq", description="I&S-ViT post-training quantization for ViTs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model; write checkpoint.safetensors and report.json")
+    q.add_argument("--model", required=True, help="built-in id, model-spec JSON file, or timm name")
+    q.add_argument("--w-bits", type=int, required=True)
+    q.add_argument("--a-bits", type=int, required=True)
+    q.add_argument("--method", default="isvit", choices=["isvit", "repq", "ptq-uniform"])
+    q.add_argument("--calib", required=True, help="calibration data: fashion-mnist:train[:N], .npz, dir or archive")
+    q.add_argument("--eval", help="evaluation data (labelled)")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--batch-size", type=int)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--softmax-quantizer", choices=["sulq", "log2", "logsqrt2", "uniform"])
+    q.add_argument("--no-sos", action="store_true", help="ablation: one reconstruction stage instead of three")
+    q.add_argument("--real-exponent", action="store_true", help="ablation: SULQ without integer exponents")
+    q.add_argument("--quiet", action="store_true")
+    _add_quant_options(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("evaluate", help="top-1/top-5 of a vitq checkpoint or a float model spec")
+    e.add_argument("target", help="checkpoint.safetensors, or a model spec (built-in id, JSON file, timm name)")
+    e.add_argument("--data", required=True)
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_evaluate)
+
+    for name, func, help_text in (("bench", cmd_bench, "methods × bit widths table"),
+                                  ("ablation", cmd_ablation, "I&S-ViT ablation: post-Softmax quantizer × SOS")):
+        b = sub.add_parser(name, help=help_text)
+        b.add_argument("--model", required=True)
+        b.add_argument("--calib", required=True)
+        b.add_argument("--eval", required=True)
+        b.add_argument("--json", help="write the results as JSON here")
+        b.add_argument("--quiet", action="store_true")
+        _add_quant_options(b)
+        if name == "bench":
+            b.add_argument("--bits", type=_int_list, default=[3, 4, 6])
+            b.add_argument("--methods", type=_str_list, default=["isvit", "repq", "ptq-uniform"])
+        else:
+            b.add_argument("--bits", type=int, default=3)
+        b.set_defaults(func=func)
+
+    if importlib.util.find_spec("vitq.service_cli") is not None:
+        from vitq.service_cli import add_service_commands
+
+        add_service_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VitqError as exc:
+        print(f"vitq: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
