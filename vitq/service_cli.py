@@ -75,7 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"API key ({'new' if created else 'from'} {settings.data_dir / KEY_FILE}): {key}", flush=True)
     print(f"API: http://{args.host}:{args.port}  (docs at /docs)", flush=True)
     worker_cmd = [sys.executable, "-m", "vitq.service_cli", "worker", "--log-level", args.log_level]
-    worker = subprocess.Popen(worker_cmd, env=os.environ.copy())
+    # Its own process group, so stopping `serve` can take the Celery pool child down with it.
+    worker = subprocess.Popen(worker_cmd, env=os.environ.copy(), start_new_session=True)
 
     def _stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -90,15 +91,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _terminate(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
+def _terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM (Celery warm shutdown), then SIGKILL the whole group. A job cut short is re-queued by
+    the reaper when a worker next runs (its heartbeat stops)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
     try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def ensure_local_key(settings: Any) -> tuple[str, bool]:
