@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -14,8 +16,8 @@ import httpx
 import pytest
 
 from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
-from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, write_npz
-from tests.service.helpers import CORE_CODES_BUG, assert_checkpoint_reproduces_report
+from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
+from tests.service.helpers import CORE_CODES_BUG, assert_checkpoint_reproduces_report, wait_for
 from vitq.client import Client
 
 pytestmark = pytest.mark.slow
@@ -29,7 +31,12 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.Co
 def test_serve_end_to_end(tmp_path):
     data_dir = tmp_path / "vitq-data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITQ_")}
-    env |= {"VITQ_DATA_DIR": str(data_dir), "VITQ_HEARTBEAT_INTERVAL_S": "1"}
+    env |= {
+        "VITQ_DATA_DIR": str(data_dir),
+        "VITQ_HEARTBEAT_INTERVAL_S": "1",
+        "VITQ_STALE_AFTER_S": "5",
+        "VITQ_REAPER_INTERVAL_S": "1",
+    }
     # a key made before `vitq serve` starts works against it
     made = _cli(env, "keys", "create", "--tenant", "team-a", "--json", timeout=120)
     assert made.returncode == 0, made.stderr
@@ -57,32 +64,25 @@ def test_serve_end_to_end(tmp_path):
         cli_env = env | {"VITQ_URL": url, "VITQ_API_KEY": key}
         submitted = _cli(
             cli_env,
-            "jobs",
-            "submit",
-            "--model",
-            model["id"],
-            "--w-bits",
-            "4",
-            "--a-bits",
-            "4",
-            "--preset",
-            "smoke",
-            "--calib",
-            "fashion-mnist:train:16",
-            "--eval",
-            dataset["id"],
-            "--calib-size",
-            "16",
-            "--iters",
-            "1",
-            "--wait",
-            "--timeout",
-            "500",
-        )
+            "jobs", "submit", "--model", model["id"], "--w-bits", "4", "--a-bits", "4", "--preset", "smoke",
+            "--calib", "fashion-mnist:train:16", "--eval", dataset["id"], "--calib-size", "16", "--iters", "1",
+        )  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr[-3000:]
-        job = json.loads(submitted.stdout)
-        assert job["status"] == "succeeded", job
-        assert "succeeded" in submitted.stderr  # progress lines were shown
+        job_id = json.loads(submitted.stdout)["id"]
+
+        # kill the process running the job: its heartbeat stops, the reaper re-queues it, it runs again
+        wait_for(lambda: client.get_job(job_id)["status"] == "running", timeout=120, what="the job to start")
+        with sqlite3.connect(data_dir / "vitq.db") as db:
+            (holder,) = db.execute("SELECT worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        os.kill(int(holder.split(":")[1].split("/")[0]), signal.SIGKILL)
+
+        waited = _cli(cli_env, "jobs", "wait", job_id, "--timeout", "500")
+        assert waited.returncode == 0, waited.stderr[-3000:]
+        job = json.loads(waited.stdout)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        assert "succeeded" in waited.stderr  # progress lines were shown
+        kinds = [e["kind"] for e in httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=auth(key)).json()["data"]]
+        assert kinds.count("started") == 2 and "requeued" in kinds
 
         status = _cli(cli_env, "jobs", "status", job["id"])
         assert status.returncode == 0 and json.loads(status.stdout)["result"] == job["result"]
