@@ -117,7 +117,8 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
 
 
 def vitq_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vitq.service_cli", *args]
+    """The `vitq` CLI (vitq/cli.py, which mounts the service verbs), run with this interpreter."""
+    return [sys.executable, "-m", "vitq.cli", *args]
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

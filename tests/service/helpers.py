@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +31,14 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, poll: 
 
 
 def assert_checkpoint_reproduces_report(checkpoint: Path, data: Path, report: dict[str, Any]) -> None:
-    """Load the downloaded checkpoint with core and evaluate it: top-1 equals the report's, exactly."""
-    from core import evaluate, load, load_dataset, read_checkpoint_metadata, resolve_model_spec
-
-    metadata = read_checkpoint_metadata(str(checkpoint))
-    spec = resolve_model_spec({k: v for k, v in metadata["model"].items() if v is not None})
-    model = load(str(checkpoint))
-    metrics = evaluate(model, load_dataset(str(data), spec.preprocess))
+    """`vitq evaluate` on the downloaded checkpoint gives the report's top-1, exactly."""
+    out = subprocess.run(
+        [sys.executable, "-m", "vitq.cli", "evaluate", str(checkpoint), "--data", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])
     assert metrics["n"] == report["quant"]["n"]
     assert metrics["top1"] == report["quant"]["top1"], (metrics, report["quant"])
