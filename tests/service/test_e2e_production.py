@@ -27,6 +27,14 @@ pytestmark = pytest.mark.slow
 FINISHED: dict = {}
 
 
+def _drop_queue_keys(redis_url: str, queue: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"*{queue}*"):
+        client.delete(key)
+
+
 @pytest.fixture(scope="module")
 def production(tmp_path_factory, migrated_pg, redis_url):
     data_dir = tmp_path_factory.mktemp("prod")
@@ -58,6 +66,7 @@ def production(tmp_path_factory, migrated_pg, redis_url):
     finally:
         stop(api)
         stop(worker)
+        _drop_queue_keys(redis_url, env["VITQ_QUEUE"])
         for name in ("api.log", "worker.log"):
             print(f"--- {name} (tail)\n" + (data_dir / name).read_text(errors="replace")[-3000:])
 
