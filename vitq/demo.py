@@ -94,14 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"POST {url}/v1/jobs {body}", flush=True)
         job = client.submit_job(**body)
         print(f"job {job['id']} queued", flush=True)
-        last = ""
+        last = {"stage": None, "at": 0.0}
 
         def show(current: dict) -> None:
-            nonlocal last
-            line = progress_line(current)
-            if line != last:
-                print(f"  {line}", flush=True)
-                last = line
+            # one line per stage change, and at most one every 10 s within a stage
+            stage = (current["status"], (current.get("progress") or {}).get("stage"))
+            now = time.monotonic()
+            if stage != last["stage"] or now - last["at"] >= 10:
+                print(f"  {progress_line(current)}", flush=True)
+                last.update(stage=stage, at=now)
 
         job = client.wait(job["id"], poll=2.0, on_progress=show)
         if job["status"] != "succeeded":
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except (VitqApiError, RuntimeError, TimeoutError) as exc:
         print(f"demo failed: {exc} (server log: {log_path})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: stopping the server (an unfinished job is re-queued when it next starts)")
+        return 130
     finally:
         _stop(server)
         print("server stopped", flush=True)
