@@ -125,3 +125,30 @@ def test_serve_checkpoint_reproduces_report_top1():
     if not FINISHED:
         pytest.fail("the serve end-to-end job did not finish (see the test above)")
     assert_checkpoint_reproduces_report(FINISHED["checkpoint"], FINISHED["data"], FINISHED["report"])
+
+
+def test_serve_soft_time_limit_fails_the_job(tmp_path):
+    """A job past VITQ_JOB_SOFT_TIME_LIMIT_S is stopped by Celery and recorded as failed (`timeout`)."""
+    data_dir = tmp_path / "vitq-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITQ_")}
+    env |= {"VITQ_DATA_DIR": str(data_dir), "VITQ_JOB_SOFT_TIME_LIMIT_S": "4", "VITQ_JOB_TIME_LIMIT_S": "120"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = start(vitq_command("serve", "--port", str(port)), env, tmp_path / "serve.log")
+    try:
+        wait_http(f"{url}/readyz", proc=serve)
+        client = Client(url, api_key=(data_dir / "local-api-key").read_text().strip(), timeout=60)
+        job = client.submit_job(
+            model="fmnist-vit-tiny",
+            w_bits=4,
+            a_bits=4,
+            preset="smoke",
+            calibration="fashion-mnist:train:16",
+            options={"iters": 100_000},
+        )
+        done = client.wait(job["id"], timeout=180, poll=0.5)
+        assert done["status"] == "failed", done
+        assert done["error"]["code"] == "timeout" and "time limit" in done["error"]["message"]
+        assert client.health()
+    finally:
+        stop(serve)
