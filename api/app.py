@@ -42,7 +42,9 @@ async def _send_json(send: Send, status: int, length: int, limit: int) -> None:
     import json
 
     if status == 413:
-        body = error_body("upload_too_large", f"request body of {length} bytes exceeds the limit of {limit} bytes")
+        body = error_body(
+            "upload_too_large", f"request body of {length} bytes exceeds the limit of {limit} bytes"
+        )
     else:
         body = error_body("invalid_request", "invalid Content-Length header")
     payload = json.dumps(body).encode()

@@ -54,7 +54,8 @@ def detect_format(filename: str, path: Path) -> str:
     if head[:2] == b"\x1f\x8b" or (len(head) >= 262 and head[257:262] == b"ustar"):
         return "tar"
     raise ArchiveError(
-        "unsupported dataset file: upload an .npz (x, optional y) or an ImageFolder archive (.zip, .tar, .tar.gz)"
+        "unsupported dataset file: upload an .npz (x, optional y) "
+        "or an ImageFolder archive (.zip, .tar, .tar.gz)"
     )
 
 
@@ -219,7 +220,9 @@ def check_npz(path: Path, limits: Limits) -> None:
         raise ArchiveError(f"corrupt or truncated .npz: {exc}") from None
 
 
-def materialize_dataset(store: ArtifactStore, cache_dir: Path, *, sha256: str, fmt: str, limits: Limits) -> Path:
+def materialize_dataset(
+    store: ArtifactStore, cache_dir: Path, *, sha256: str, fmt: str, limits: Limits
+) -> Path:
     """A local path core can read for a stored dataset blob (an .npz file or an ImageFolder dir)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     blob = store.local_path(sha256)

@@ -107,7 +107,9 @@ def describe_data(session: Session, *, tenant_id: str, ref: str, role: str) -> d
     if match:
         split, count = match.group(1), match.group(2)
         if count is not None and not 1 <= int(count) <= FMNIST_SIZES[split]:
-            raise DatasetError(f"{role}: fashion-mnist:{split} has {FMNIST_SIZES[split]} images, asked {count}")
+            raise DatasetError(
+                f"{role}: fashion-mnist:{split} has {FMNIST_SIZES[split]} images, asked {count}"
+            )
         return dict(FMNIST_INFO, n=int(count) if count else FMNIST_SIZES[split])
     if ref.startswith("fashion-mnist"):
         raise DatasetError(f"{role}: {ref!r} is not fashion-mnist:train[:N] or fashion-mnist:test[:N]")

@@ -22,7 +22,9 @@ def job_public(session: Session, job: Job) -> JobPublic:
     webhook = None
     if job.webhook_url:
         events = session.scalars(
-            select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.kind == "webhook").order_by(JobEvent.id)
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.kind == "webhook")
+            .order_by(JobEvent.id)
         ).all()
         deliveries = [
             WebhookDelivery(

@@ -87,4 +87,6 @@ class LatencyMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.histogram.labels(scope["method"], template, str(status["code"])).observe(time.perf_counter() - start)
+            self.histogram.labels(scope["method"], template, str(status["code"])).observe(
+                time.perf_counter() - start
+            )

@@ -42,7 +42,9 @@ def default_api_key() -> str | None:
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0
+    ) -> None:
         self.base_url = (base_url or os.environ.get("VITQ_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key or default_api_key()
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -77,7 +79,9 @@ class Client:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 
     def list_jobs(self, *, status: str | None = None, limit: int = 50, cursor: str | None = None) -> dict:
-        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+        params = {
+            k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None
+        }
         return self._request("GET", "/v1/jobs", params=params).json()
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
@@ -124,7 +128,9 @@ class Client:
                     out.write(chunk)
         if etag and digest.hexdigest() != etag:
             tmp.unlink(missing_ok=True)
-            raise VitqApiError(502, "checksum_mismatch", f"{name}: sha256 {digest.hexdigest()} != ETag {etag}")
+            raise VitqApiError(
+                502, "checksum_mismatch", f"{name}: sha256 {digest.hexdigest()} != ETag {etag}"
+            )
         tmp.replace(target)
         return target
 

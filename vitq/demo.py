@@ -72,7 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting `vitq serve` on {url} (data in {data_dir}, log {log_path})", flush=True)
     with open(log_path, "ab") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "vitq.service_cli", "serve", "--port", str(port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "vitq.service_cli",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

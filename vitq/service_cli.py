@@ -148,7 +148,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"key_id": new.key_id, "key": new.key, "tenant": new.tenant_name, "webhook_secret": new.webhook_secret}
+                {
+                    "key_id": new.key_id,
+                    "key": new.key,
+                    "tenant": new.tenant_name,
+                    "webhook_secret": new.webhook_secret,
+                }
             )
         )
     else:
@@ -191,7 +196,9 @@ def progress_line(job: dict[str, Any]) -> str:
     if p.get("stage"):
         parts.append(f"{p['stage']}")
     if p.get("unit"):
-        parts.append(f"{p['unit']} {p.get('index', 0) + 1 if p.get('index') is not None else ''}/{p.get('total')}")
+        parts.append(
+            f"{p['unit']} {p.get('index', 0) + 1 if p.get('index') is not None else ''}/{p.get('total')}"
+        )
     if p.get("percent") is not None:
         parts.append(f"{p['percent']:.0f}%")
     if p.get("eta_seconds") is not None:

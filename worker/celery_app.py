@@ -13,7 +13,9 @@ DELIVER_WEBHOOK = "vitq.deliver_webhook"
 
 
 def make_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
-    app = Celery("vitq", broker=settings.resolved_broker_url, include=["worker.tasks"] if include_tasks else [])
+    app = Celery(
+        "vitq", broker=settings.resolved_broker_url, include=["worker.tasks"] if include_tasks else []
+    )
     transport_options: dict = {}
     if settings.is_filesystem_broker:
         folder = settings.broker_folder
@@ -33,7 +35,12 @@ def make_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         # The API answers 503 quickly when the broker is down rather than hanging the request.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         task_default_queue=settings.queue,
         task_routes={RUN_JOB: {"queue": settings.queue}, DELIVER_WEBHOOK: {"queue": settings.queue}},
         task_acks_late=True,

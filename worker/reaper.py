@@ -29,7 +29,9 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
             )
         ).all()
         for job_id, attempts, cancel_requested in candidates:
-            base = update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale)
+            base = update(Job).where(
+                Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale
+            )
             if cancel_requested:
                 values = dict(
                     status=JobStatus.CANCELLED.value,
@@ -57,7 +59,9 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
                 values = dict(status=JobStatus.QUEUED.value, worker=None, updated_at=now)
                 if session.execute(base.values(**values)).rowcount:
                     session.add(
-                        JobEvent(job_id=job_id, kind="requeued", message=f"heartbeat stopped (attempt {attempts})")
+                        JobEvent(
+                            job_id=job_id, kind="requeued", message=f"heartbeat stopped (attempt {attempts})"
+                        )
                     )
                     requeued.append(job_id)
     for job_id in requeued:

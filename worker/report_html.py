@@ -20,7 +20,9 @@ def _bar_chart(
     groups: list[tuple[str, list[tuple[str, float, str]]]], *, title: str, unit: str, log: bool = False
 ) -> str:
     """Horizontal grouped bars: ``[(label, [(series, value, color), ...]), ...]``."""
-    values = [v for _, series in groups for _, v, _ in series if isinstance(v, int | float) and math.isfinite(v)]
+    values = [
+        v for _, series in groups for _, v, _ in series if isinstance(v, int | float) and math.isfinite(v)
+    ]
     if not values:
         return f"<p><em>{escape(title)}: no data.</em></p>"
 
@@ -52,7 +54,8 @@ def _bar_chart(
             parts.append(
                 f'<rect x="{left:.1f}" y="{y + 2}" width="{width:.1f}" height="{row_h - 4}" fill="{color}">'
                 f"<title>{escape(name)}: {escape(text)}</title></rect>"
-                f'<text x="{max(x0, x1) + 4:.1f}" y="{y + 11}" font-size="10">{escape(name)} {escape(text)}</text>'
+                f'<text x="{max(x0, x1) + 4:.1f}" y="{y + 11}" font-size="10">'
+                f"{escape(name)} {escape(text)}</text>"
             )
             y += row_h
         y += row_h
@@ -109,11 +112,12 @@ def render_report_html(report: dict[str, Any], *, job_id: str = "") -> str:
             extra.append(f"<li>{label}: {quant[key]:.4f}</li>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}</style>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
+td,th{{padding:2px 10px;text-align:left}}</style>
 </head><body>
 <h1>{escape(title)}</h1>
-<p>job {escape(job_id)} · preset {escape(str(report.get("preset")))} · device {escape(str(report.get("device")))}
- · evaluated on {escape(str(quant.get("n", "n/a")))} images</p>
+<p>job {escape(job_id)} · preset {escape(str(report.get("preset")))}
+ · device {escape(str(report.get("device")))} · evaluated on {escape(str(quant.get("n", "n/a")))} images</p>
 <table><tr><th></th><th>FP</th><th>quantized</th></tr>{rows}</table>
 <ul>{"".join(extra)}</ul>
 <h2>Accuracy</h2>{accuracy}

@@ -137,7 +137,11 @@ class JobMonitor:
                 with session_scope(self.settings.resolved_database_url) as session:
                     alive = session.execute(
                         update(Job)
-                        .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value, Job.worker == self.me)
+                        .where(
+                            Job.id == self.job_id,
+                            Job.status == JobStatus.RUNNING.value,
+                            Job.worker == self.me,
+                        )
                         .values(heartbeat_at=utcnow())
                     ).rowcount
                     cancel = session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
@@ -207,7 +211,9 @@ def _store_results(session: Session, settings: Settings, job: Job, out: Path, re
     for name, content_type in CONTENT_TYPES.items():
         sha, size = store.put_file(out / name)
         shas[name] = (sha, size)
-        session.add(Artifact(job_id=job.id, name=name, sha256=sha, size_bytes=size, content_type=content_type))
+        session.add(
+            Artifact(job_id=job.id, name=name, sha256=sha, size_bytes=size, content_type=content_type)
+        )
     fp = report.get("fp") or {}
     quant = report.get("quant") or {}
     session.add(
@@ -234,7 +240,9 @@ def _store_results(session: Session, settings: Settings, job: Job, out: Path, re
     return _summary(report, sha, size)
 
 
-def run_job(settings: Settings, job_id: str, *, soft_timeout: type[BaseException] | None = None) -> str | None:
+def run_job(
+    settings: Settings, job_id: str, *, soft_timeout: type[BaseException] | None = None
+) -> str | None:
     """Run the job if it can be claimed. Returns the final status, or None when not claimed."""
     me = worker_name()
     if not claim(settings, job_id, me):
@@ -256,7 +264,9 @@ def run_job(settings: Settings, job_id: str, *, soft_timeout: type[BaseException
                 with session_scope(db_url) as session:
                     spec = spec_from_stored(stored_spec, store, settings.resolved_cache_dir)
                     cache = settings.resolved_cache_dir / "datasets"
-                    calibration = data_path(session, store, ref=calibration_ref, cache_dir=cache, limits=limits)
+                    calibration = data_path(
+                        session, store, ref=calibration_ref, cache_dir=cache, limits=limits
+                    )
                     evaluation = (
                         data_path(session, store, ref=evaluation_ref, cache_dir=cache, limits=limits)
                         if evaluation_ref
@@ -275,7 +285,14 @@ def run_job(settings: Settings, job_id: str, *, soft_timeout: type[BaseException
                 if monitor.lost.is_set() and not monitor.cancel.is_set():
                     log.warning("job %s was taken from this worker; dropping it", job_id)
                     return None
-                _finish(settings, job_id, me, JobStatus.CANCELLED, code="cancelled", message="cancelled by request")
+                _finish(
+                    settings,
+                    job_id,
+                    me,
+                    JobStatus.CANCELLED,
+                    code="cancelled",
+                    message="cancelled by request",
+                )
                 status = JobStatus.CANCELLED
                 return status.value
             except VitqError as exc:

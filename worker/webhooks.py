@@ -64,7 +64,9 @@ def deliver_once(settings: Settings, job_id: str) -> bool | None:
         assert tenant is not None  # foreign key
         attempt = 1 + (
             session.scalar(
-                select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "webhook")
+                select(func.count())
+                .select_from(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.kind == "webhook")
             )
             or 0
         )

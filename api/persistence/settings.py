@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VITQ_", extra="ignore")
 
     data_dir: Path = Field(Path(".vitq"), description="Everything the embedded default keeps lives here.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL. Default: SQLite file `<data_dir>/vitq.db`.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL. Default: SQLite file `<data_dir>/vitq.db`."
+    )
     broker_url: str | None = Field(
         None, description="Celery broker URL. Default: kombu filesystem transport under `<data_dir>/broker`."
     )

@@ -77,7 +77,9 @@ def upload_dataset(
 
 @router.get("", summary="List your datasets")
 def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetsPublic:
-    rows = session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.id.desc())).all()
+    rows = session.scalars(
+        select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.id.desc())
+    ).all()
     return DatasetsPublic(data=[_public(r) for r in rows])
 
 

@@ -48,7 +48,9 @@ def create_job(
 ) -> JobPublic:
     request_hash = _request_hash(body)
     if idempotency_key is not None:
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        existing = session.scalar(
+            select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
+        )
         if existing is not None:
             return _replay(existing, request_hash, response, session)
 
@@ -57,7 +59,9 @@ def create_job(
         w_bits=body.w_bits, a_bits=body.a_bits, method=body.method, preset=body.preset, **options
     ).resolved()
     model_ref = body.model.model_dump() if not isinstance(body.model, str) else body.model
-    model = resolve_model(session, store, tenant_id=tenant.id, ref=model_ref, cache_dir=settings.resolved_cache_dir)
+    model = resolve_model(
+        session, store, tenant_id=tenant.id, ref=model_ref, cache_dir=settings.resolved_cache_dir
+    )
     calib = describe_data(session, tenant_id=tenant.id, ref=body.calibration, role="calibration")
     check_data_fits(model.spec, calib, role="calibration")
     if body.evaluation is not None:
@@ -84,7 +88,9 @@ def create_job(
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        existing = session.scalar(
+            select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
+        )
         if existing is None:
             raise
         return _replay(existing, request_hash, response, session)
@@ -184,4 +190,6 @@ def cancel_job(
 def job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> JobEventsPublic:
     job = get_job(session, tenant_id=tenant.id, job_id=job_id)
     events = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)).all()
-    return JobEventsPublic(data=[JobEventPublic(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in events])
+    return JobEventsPublic(
+        data=[JobEventPublic(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in events]
+    )

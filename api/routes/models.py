@@ -86,7 +86,9 @@ def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
         raw.rename(dest)
         return
     if not filename.lower().endswith(PICKLE_SUFFIXES):
-        raise ApiError(422, "invalid_checkpoint", "the file is not safetensors (a .pth state dict is accepted as well)")
+        raise ApiError(
+            422, "invalid_checkpoint", "the file is not safetensors (a .pth state dict is accepted as well)"
+        )
     try:
         obj = torch.load(str(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for code-running pickles, others for garbage

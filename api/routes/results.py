@@ -47,7 +47,9 @@ def list_results(
                 preset=r.preset,
                 fp_top1=r.fp_top1,
                 quant_top1=r.quant_top1,
-                delta_top1=(r.quant_top1 - r.fp_top1) if r.quant_top1 is not None and r.fp_top1 is not None else None,
+                delta_top1=(r.quant_top1 - r.fp_top1)
+                if r.quant_top1 is not None and r.fp_top1 is not None
+                else None,
                 fp_top5=r.fp_top5,
                 quant_top5=r.quant_top5,
                 n_eval=r.n_eval,

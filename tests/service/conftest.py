@@ -123,7 +123,9 @@ def vitq_command(*args: str) -> list[str]:
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     out = open(log, "wb")  # noqa: SIM115 - closed when the process is stopped
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:

@@ -34,7 +34,12 @@ def test_health_and_ready(service):
     ],
 )
 def test_auth_required(service, headers, message):
-    for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/datasets"), ("GET", "/v1/results")):
+    for method, path in (
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/datasets"),
+        ("GET", "/v1/results"),
+    ):
         response = service.client.request(method, path, headers=headers, json=GOOD)
         assert response.status_code == 401, (path, response.text)
         assert response.headers["www-authenticate"] == "Bearer"
@@ -114,7 +119,11 @@ def test_idempotency_key(service):
         ({"model": "no-such-model"}, "invalid_model", "unknown model"),
         ({"model": {"timm_name": "resnet50"}}, "invalid_model", "resnet50"),
         ({"model": {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"foo": 1}}}, "invalid_model", "foo"),
-        ({"model": {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"embed_dim": 7}}}, "invalid_model", ""),
+        (
+            {"model": {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"embed_dim": 7}}},
+            "invalid_model",
+            "",
+        ),
         ({"model": 5}, "invalid_request", "model"),
         ({"calibration": "fashion-mnist:val"}, "invalid_dataset", "fashion-mnist"),
         ({"calibration": "fashion-mnist:train:70000"}, "invalid_dataset", "60000"),

@@ -263,7 +263,9 @@ def test_dataset_shape_must_fit_model(service, tmp_path):
         response = c.post("/v1/jobs", json=base | change, headers=h)
         assert response.status_code == 422, response.text
         assert fragment in response.json()["error"]["message"]
-    ok = c.post("/v1/jobs", json=base | {"model": "fmnist-vit-tiny", "calibration": ids["unlabeled"]}, headers=h)
+    ok = c.post(
+        "/v1/jobs", json=base | {"model": "fmnist-vit-tiny", "calibration": ids["unlabeled"]}, headers=h
+    )
     assert ok.status_code == 202, ok.text
 
 
@@ -278,10 +280,15 @@ def _model_upload(service, path: Path, *, kwargs=None, preprocess=None, name=Non
         else __import__("json").dumps(FMNIST_TIMM["timm_kwargs"] if kwargs is None else kwargs),
     }
     if preprocess is not None:
-        data["preprocess"] = preprocess if isinstance(preprocess, str) else __import__("json").dumps(preprocess)
+        data["preprocess"] = (
+            preprocess if isinstance(preprocess, str) else __import__("json").dumps(preprocess)
+        )
     with open(path, "rb") as f:
         return service.client.post(
-            "/v1/models", files={"file": (name or path.name, f)}, data=data, headers=auth(key or service.key_a)
+            "/v1/models",
+            files={"file": (name or path.name, f)},
+            data=data,
+            headers=auth(key or service.key_a),
         )
 
 
@@ -296,7 +303,10 @@ def test_model_upload_and_listing(service):
     assert "fmnist-vit-tiny" in ids and model["id"] in ids
     assert "timm" in listing["note"]
     assert service.client.get(f"/v1/models/{model['id']}", headers=auth(service.key_a)).json() == model
-    assert service.client.get("/v1/models/fmnist-vit-tiny", headers=auth(service.key_a)).json()["kind"] == "builtin"
+    assert (
+        service.client.get("/v1/models/fmnist-vit-tiny", headers=auth(service.key_a)).json()["kind"]
+        == "builtin"
+    )
     assert service.client.get(f"/v1/models/{model['id']}", headers=auth(service.key_b)).status_code == 404
     assert model["id"] not in [
         m["id"] for m in service.client.get("/v1/models", headers=auth(service.key_b)).json()["data"]
@@ -373,7 +383,11 @@ def test_model_upload_rejections(service, tmp_path):
         (dict(path=zipped_evil), "invalid_checkpoint", "weights_only"),
         (dict(path=garbage), "invalid_checkpoint", "safetensors"),
         (dict(path=text_file), "invalid_checkpoint", "not safetensors"),
-        (dict(path=BUILTIN_WEIGHTS, kwargs={**FMNIST_TIMM["timm_kwargs"], "num_classes": 5}), "invalid_model", "head"),
+        (
+            dict(path=BUILTIN_WEIGHTS, kwargs={**FMNIST_TIMM["timm_kwargs"], "num_classes": 5}),
+            "invalid_model",
+            "head",
+        ),
         (dict(path=BUILTIN_WEIGHTS, kwargs={"img_size": 28}), "invalid_model", "does not fit"),
         (dict(path=BUILTIN_WEIGHTS, timm_name="resnet50"), "invalid_model", "resnet50"),
         (dict(path=BUILTIN_WEIGHTS, kwargs="{not json"), "invalid_request", "timm_kwargs"),
@@ -388,5 +402,7 @@ def test_model_upload_rejections(service, tmp_path):
     assert not marker.exists(), "a pickle ran code"
     assert _store_files(service) == before
     assert not _scratch_files(service)
-    missing = service.client.post("/v1/models", files={"file": ("a.safetensors", b"x")}, headers=auth(service.key_a))
+    missing = service.client.post(
+        "/v1/models", files={"file": ("a.safetensors", b"x")}, headers=auth(service.key_a)
+    )
     assert missing.status_code == 422 and "timm_name" in missing.json()["error"]["message"]

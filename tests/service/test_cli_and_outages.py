@@ -16,7 +16,9 @@ from tests.service.factories import auth
 
 
 def test_keys_create_and_revoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VITQ_")} | {"VITQ_DATA_DIR": str(tmp_path)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITQ_")} | {
+        "VITQ_DATA_DIR": str(tmp_path)
+    }
     made = subprocess.run(
         vitq_command("keys", "create", "--tenant", "ops", "--json"),
         env=env,
@@ -26,7 +28,11 @@ def test_keys_create_and_revoke(tmp_path):
     )
     assert made.returncode == 0, made.stderr
     new = json.loads(made.stdout)
-    assert new["key"].startswith("vitq_") and new["tenant"] == "ops" and new["webhook_secret"].startswith("whsec_")
+    assert (
+        new["key"].startswith("vitq_")
+        and new["tenant"] == "ops"
+        and new["webhook_secret"].startswith("whsec_")
+    )
     url = f"sqlite:///{tmp_path / 'vitq.db'}"
     with session_scope(url) as session:
         assert authenticate(session, key=new["key"]).name == "ops"
@@ -47,7 +53,9 @@ def test_keys_create_and_revoke(tmp_path):
 
 
 def test_broker_down_is_503_not_a_lost_job(service, tmp_path):
-    settings = make_settings(tmp_path, service.settings.resolved_database_url, broker_url="redis://127.0.0.1:1/0")
+    settings = make_settings(
+        tmp_path, service.settings.resolved_database_url, broker_url="redis://127.0.0.1:1/0"
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("unreachable")
@@ -55,7 +63,12 @@ def test_broker_down_is_503_not_a_lost_job(service, tmp_path):
         response = client.post(
             "/v1/jobs",
             headers=auth(service.key_a),
-            json={"model": "fmnist-vit-tiny", "w_bits": 4, "a_bits": 4, "calibration": "fashion-mnist:train:32"},
+            json={
+                "model": "fmnist-vit-tiny",
+                "w_bits": 4,
+                "a_bits": 4,
+                "calibration": "fashion-mnist:train:32",
+            },
         )
         assert response.status_code == 503 and response.json()["error"]["code"] == "broker_unavailable"
         assert client.get("/healthz").status_code == 200

@@ -144,7 +144,9 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path, receiver):
     assert [r["job_id"] for r in rows] == [done["id"]]
     assert rows[0]["quant_top1"] == report["quant"]["top1"] and rows[0]["fp_top1"] == report["fp"]["top1"]
 
-    events = [e["kind"] for e in httpx.get(f"{url}/v1/jobs/{done['id']}/events", headers=headers).json()["data"]]
+    events = [
+        e["kind"] for e in httpx.get(f"{url}/v1/jobs/{done['id']}/events", headers=headers).json()["data"]
+    ]
     lifecycle = [kind for kind in events if kind != "webhook"]
     assert lifecycle[0] == "created" and lifecycle[1] == "started" and lifecycle[-1] == "succeeded"
     assert "stage" in lifecycle
@@ -153,7 +155,10 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path, receiver):
     for hook_headers, body in hook.received:
         assert verify(secret, hook_headers, body) and json.loads(body)["type"] == "job.succeeded"
     deliveries = client.get_job(done["id"])["webhook"]["deliveries"]
-    assert [(d["attempt"], d["ok"], d["status_code"]) for d in deliveries] == [(1, False, 503), (2, True, 200)]
+    assert [(d["attempt"], d["ok"], d["status_code"]) for d in deliveries] == [
+        (1, False, 503),
+        (2, True, 200),
+    ]
     metrics = httpx.get(f"{url}/metrics").text
     assert 'vitq_job_duration_seconds_count{status="succeeded"}' in metrics
     assert 'vitq_jobs{status="cancelled"}' in metrics

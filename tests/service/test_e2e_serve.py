@@ -49,7 +49,10 @@ def test_serve_end_to_end(tmp_path):
         assert (data_dir / "vitq.db").is_file() and (data_dir / "local-api-key").is_file()
         local_key = (data_dir / "local-api-key").read_text().strip()
         assert local_key in (tmp_path / "serve.log").read_text()  # printed at start
-        assert httpx.get(f"{url}/v1/tenant", headers={"Authorization": f"Bearer {local_key}"}).json()["name"] == "local"
+        assert (
+            httpx.get(f"{url}/v1/tenant", headers={"Authorization": f"Bearer {local_key}"}).json()["name"]
+            == "local"
+        )
 
         client = Client(url, api_key=key, timeout=120)
         model = client.upload_model(
@@ -64,8 +67,9 @@ def test_serve_end_to_end(tmp_path):
         cli_env = env | {"VITQ_URL": url, "VITQ_API_KEY": key}
         submitted = _cli(
             cli_env,
-            "jobs", "submit", "--model", model["id"], "--w-bits", "4", "--a-bits", "4", "--preset", "smoke",
-            "--calib", "fashion-mnist:train:16", "--eval", dataset["id"], "--calib-size", "16", "--iters", "1",
+            "jobs", "submit", "--model", model["id"], "--w-bits", "4", "--a-bits", "4",
+            "--preset", "smoke", "--calib", "fashion-mnist:train:16", "--eval", dataset["id"],
+            "--calib-size", "16", "--iters", "1",
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         job_id = json.loads(submitted.stdout)["id"]
@@ -81,7 +85,9 @@ def test_serve_end_to_end(tmp_path):
         job = json.loads(waited.stdout)
         assert job["status"] == "succeeded" and job["attempts"] == 2, job
         assert "succeeded" in waited.stderr  # progress lines were shown
-        kinds = [e["kind"] for e in httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=auth(key)).json()["data"]]
+        kinds = [
+            e["kind"] for e in httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=auth(key)).json()["data"]
+        ]
         assert kinds.count("started") == 2 and "requeued" in kinds
 
         status = _cli(cli_env, "jobs", "status", job["id"])

@@ -22,7 +22,13 @@ from worker.report_html import render_report_html
 from worker.runner import JobMonitor, claim
 from worker.webhooks import WebhookDeliveryError, deliver_once, verify
 
-JOB = {"model": "fmnist-vit-tiny", "w_bits": 4, "a_bits": 4, "preset": "smoke", "calibration": "fashion-mnist:train:32"}
+JOB = {
+    "model": "fmnist-vit-tiny",
+    "w_bits": 4,
+    "a_bits": 4,
+    "preset": "smoke",
+    "calibration": "fashion-mnist:train:32",
+}
 
 
 def _submit(service, **extra) -> str:
@@ -135,7 +141,10 @@ def test_uploaded_model_and_datasets_materialize_for_core(service, tmp_path):
         model = service.client.post(
             "/v1/models",
             files={"file": ("w.safetensors", f)},
-            data={"timm_name": FMNIST_TIMM["timm_name"], "timm_kwargs": json.dumps(FMNIST_TIMM["timm_kwargs"])},
+            data={
+                "timm_name": FMNIST_TIMM["timm_name"],
+                "timm_kwargs": json.dumps(FMNIST_TIMM["timm_kwargs"]),
+            },
             headers=auth(service.key_a),
         ).json()
     job_id = _submit(service)
@@ -156,10 +165,16 @@ def test_uploaded_model_and_datasets_materialize_for_core(service, tmp_path):
     limits = Limits(max_members=1000, max_bytes=10**8)
     for path in (write_npz(tmp_path / "m.npz", n=10), write_imagefolder_zip(tmp_path / "m.zip", n=10)):
         with open(path, "rb") as f:
-            ds = service.client.post("/v1/datasets", files={"file": (path.name, f)}, headers=auth(service.key_a))
+            ds = service.client.post(
+                "/v1/datasets", files={"file": (path.name, f)}, headers=auth(service.key_a)
+            )
         with session_scope(service.settings.resolved_database_url) as session:
             local = data_path(
-                session, store, ref=ds.json()["id"], cache_dir=service.settings.resolved_cache_dir, limits=limits
+                session,
+                store,
+                ref=ds.json()["id"],
+                cache_dir=service.settings.resolved_cache_dir,
+                limits=limits,
             )
         assert len(load_dataset(local, spec.preprocess)) == 10
 
@@ -183,7 +198,10 @@ def test_webhook_signed_retried_and_recorded(service, receiver):
     assert not verify(secret, headers, body + b" ")  # tampered body
     assert not verify("whsec_" + "A" * 44, headers, body)  # wrong secret
     deliveries = _job(service, job_id)["webhook"]["deliveries"]
-    assert [(d["attempt"], d["ok"], d["status_code"]) for d in deliveries] == [(1, False, 500), (2, True, 200)]
+    assert [(d["attempt"], d["ok"], d["status_code"]) for d in deliveries] == [
+        (1, False, 500),
+        (2, True, 200),
+    ]
 
 
 def test_report_html_has_the_three_plots():
