@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +37,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
 def dataset_labels(dataset: ImageDataset) -> torch.Tensor:
     if not dataset.has_labels:
         raise DatasetError(f"{dataset.source}: evaluation needs labels (an ImageFolder or an .npz with 'y')")
-    return torch.as_tensor(dataset.labels, dtype=torch.int64)
+    return torch.tensor(np.asarray(dataset.labels), dtype=torch.int64)
 
 
 def evaluate(model: nn.Module, dataset: ImageDataset, device: str | torch.device | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from core.calibrate import calibrate_activations, init_weight_quantizers
 from core.config import ACT_INIT_IMAGES, Method, QuantConfig
 from core.device import resolve_device
 from core.errors import CancelledError, DatasetError
-from core.reconstruct import capture_unit_io, reconstruct_unit
+from core.reconstruct import capture_unit_io, chain_links, reconstruct_unit, run_unit
 from core.reparameterize import reparameterize
 from core.wrap import find_units, set_quant_state, wrap_model
 
@@ -72,15 +72,29 @@ def _reconstruct_all(
     should_stop: StopFn | None,
     inputs_from_fp: bool,
 ) -> list[dict[str, Any]]:
+    """Reconstruct every unit in forward order.
+
+    Targets always come from the float model. Inputs come from the float model (stage 1) or from
+    the quantized model with every earlier unit already reconstructed (stage 3). Where a unit
+    feeds the next directly, the next input is computed from the cached one in a single pass.
+    """
     units = find_units(model)
+    links = chain_links(fp_model, units, images[:2])
     total = len(units) * config.iters
     log = []
-    capture_batch = max(config.batch_size, 64)
+    batch = max(config.batch_size, 64)
+    fp_in = q_in = fp_out = None
     for u, name in enumerate(units):
         _check_stop(should_stop)
-        source = fp_model if inputs_from_fp else model
-        inputs = capture_unit_io(source, name, images, capture_batch, output=False)
-        targets = capture_unit_io(fp_model, name, images, capture_batch, output=True)
+        if links[u]:
+            prev_q_in = q_in
+            fp_in = fp_out
+            q_in = fp_in if inputs_from_fp else run_unit(model.get_submodule(units[u - 1]), prev_q_in, batch)
+            del prev_q_in
+        else:
+            fp_in = capture_unit_io(fp_model, name, images, batch, output=False)
+            q_in = fp_in if inputs_from_fp else capture_unit_io(model, name, images, batch, output=False)
+        fp_out = run_unit(fp_model.get_submodule(name), fp_in, batch)
         base = u * config.iters
 
         def on_step(step: int, base: int = base, name: str = name) -> None:
@@ -88,10 +102,9 @@ def _reconstruct_all(
             progress.emit(stage, name, base + step + 1, total)
 
         result = reconstruct_unit(
-            model.get_submodule(name), inputs, targets, iters=config.iters, batch_size=config.batch_size,
+            model.get_submodule(name), q_in, fp_out, iters=config.iters, batch_size=config.batch_size,
             lr=config.lr, seed=config.seed * 1000 + u, on_step=on_step, should_stop=should_stop,
         )
-        del inputs, targets
         progress.emit(stage, name, base + config.iters, total, loss=result.loss_end)
         log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end})
     return log

@@ -50,6 +50,37 @@ def capture_unit_io(
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def run_unit(unit: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Apply one unit to cached inputs, in batches."""
+    return torch.cat([unit(chunk) for chunk in inputs.split(batch_size)])
+
+
+@torch.no_grad()
+def chain_links(model: nn.Module, units: list[str], probe: torch.Tensor) -> list[bool]:
+    """``links[i]`` is True when unit i consumes unit i-1's output unchanged.
+
+    Then unit i's cached input is unit i-1's output, and a stage costs one pass per unit instead
+    of a forward pass of the model prefix per unit.
+    """
+    seen_in: dict[str, torch.Tensor] = {}
+    seen_out: dict[str, torch.Tensor] = {}  # tensors kept alive so identity cannot be a reused address
+    handles = []
+    for name in units:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(
+            lambda _m, args, name=name: seen_in.__setitem__(name, args[0])))
+        handles.append(module.register_forward_hook(
+            lambda _m, _a, out, name=name: seen_out.__setitem__(name, out)))
+    try:
+        model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [i > 0 and units[i] in seen_in and seen_in[units[i]] is seen_out.get(units[i - 1])
+            for i in range(len(units))]
+
+
 def trainable_parameters(unit: nn.Module) -> list[nn.Parameter]:
     """Weights and biases of the unit's layers (and relative-position tables), not LayerNorm."""
     params = []

@@ -69,16 +69,20 @@ def mse_range_search(
     Returns 1-D tensors of length ``channels`` (1 for per-tensor).
     """
     rows = _rows(x.float(), channel_dim)
-    sorted_rows, _ = rows.sort(dim=1)
-    n = sorted_rows.shape[1]
+    n = rows.shape[1]
+    index_pairs = [
+        (min(n - 1, max(0, round((1 - p) * (n - 1)))), min(n - 1, max(0, round(p * (n - 1))))) for p in percentiles
+    ]
+    # Only the tails are needed: top-k on each side is O(n), a full sort is not.
+    k = min(n, max(max(lo_idx + 1, n - hi_idx) for lo_idx, hi_idx in index_pairs))
+    smallest = rows.topk(k, dim=1, largest=False, sorted=True).values
+    largest = rows.topk(k, dim=1, largest=True, sorted=True).values
     best_err = torch.full((rows.shape[0],), float("inf"), device=x.device)
     best_scale = torch.ones(rows.shape[0], device=x.device)
     best_zero = torch.zeros(rows.shape[0], device=x.device)
-    for p in percentiles:
-        hi_idx = min(n - 1, max(0, round(p * (n - 1))))
-        lo_idx = min(n - 1, max(0, round((1 - p) * (n - 1))))
-        lo = sorted_rows[:, lo_idx]
-        hi = sorted_rows[:, hi_idx]
+    for lo_idx, hi_idx in index_pairs:
+        lo = smallest[:, lo_idx]
+        hi = largest[:, n - 1 - hi_idx]
         scale, zero = uniform_params(lo, hi, bits)
         deq = fake_quant(rows, scale[:, None], zero[:, None], bits)
         err = (deq - rows).pow(2).mean(dim=1)
@@ -134,10 +138,11 @@ class UniformQuantizer(ActQuantizer):
 
     def _host_params(self) -> tuple[float, float]:
         """(s, z) as Python floats, read once per parameter change: no device sync per forward."""
-        key = (self.scale.data_ptr(), self.zero_point.data_ptr(), self.scale._version, self.zero_point._version)
-        if getattr(self, "_host_key", None) != key:
+        source = getattr(self, "_host_source", None)
+        versions = (self.scale._version, self.zero_point._version)
+        if source is None or source[0] is not self.scale or source[1] is not self.zero_point or source[2] != versions:
             self._host = (float(self.scale), float(self.zero_point))
-            self._host_key = key
+            self._host_source = (self.scale, self.zero_point, versions)
         return self._host
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +155,8 @@ class UniformQuantizer(ActQuantizer):
         return x.dim() - 1 if self.scale.dim() == 1 else self.channel_dim % x.dim()
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.levels - 1)
+        """Integer codes exactly as the fused kernels compute them (``x * (1/s)``, half to even)."""
+        return torch.clamp(torch.round(x * (1.0 / self.scale)) + self.zero_point, 0, self.levels - 1)
 
     def extra_repr(self) -> str:
         mode = "per-channel" if self.per_channel else "per-tensor"
