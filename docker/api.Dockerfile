@@ -14,7 +14,7 @@ RUN apt-get update \
 WORKDIR /app
 # CPU wheels: the API validates models and datasets but never runs a quantization.
 RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml alembic.ini ./
 COPY core ./core
 COPY api ./api
 COPY worker ./worker

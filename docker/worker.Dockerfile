@@ -17,7 +17,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu128
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml alembic.ini ./
 COPY core ./core
 COPY api ./api
 COPY worker ./worker
