@@ -287,12 +287,12 @@ def inspect_dataset(path: str | Path, max_decode: int = 64) -> dict[str, Any]:
         if dataset.files is not None:
             shapes = []
             for i in range(min(max_decode, len(dataset))):
-                with Image.open(dataset.files[i]) as img:
-                    try:
+                try:
+                    with Image.open(dataset.files[i]) as img:
                         img.load()
-                    except OSError as exc:
-                        raise DatasetError(f"{source}: cannot decode {dataset.files[i].name}: {exc}") from None
-                    shapes.append([len(img.getbands()), img.height, img.width])
+                        shapes.append([len(img.getbands()), img.height, img.width])
+                except (UnidentifiedImageError, OSError, ValueError) as exc:
+                    raise DatasetError(f"{source}: cannot decode {dataset.files[i].name}: {exc}") from None
             image_shape = shapes[0] if shapes else None
             fmt = "imagefolder"
         else:
