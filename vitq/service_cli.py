@@ -1,4 +1,4 @@
-"""Service verbs for the ``vitq`` CLI: serve, api, worker, migrate, keys, jobs.
+"""Service verbs for the ``vitq`` CLI: serve, api, worker, migrate, keys, jobs, datasets, models, results.
 
 ``vitq.cli`` calls ``add_service_commands(subparsers)``; ``python -m vitq.service_cli`` runs the
 same verbs on their own.
@@ -302,6 +302,55 @@ def cmd_jobs_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets_upload(args: argparse.Namespace) -> int:
+    from vitq.client import VitqApiError
+
+    with _client(args) as client:
+        try:
+            _print_json(client.upload_dataset(args.file))
+        except VitqApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def cmd_models_upload(args: argparse.Namespace) -> int:
+    from vitq.client import VitqApiError
+
+    try:
+        kwargs = json.loads(args.timm_kwargs)
+        preprocess = json.loads(args.preprocess) if args.preprocess else None
+    except json.JSONDecodeError as exc:
+        print(f"error: --timm-kwargs/--preprocess must be JSON: {exc}", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        try:
+            _print_json(
+                client.upload_model(
+                    args.file, timm_name=args.timm_name, timm_kwargs=kwargs, preprocess=preprocess
+                )
+            )
+        except VitqApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from vitq.client import VitqApiError
+
+    with _client(args) as client:
+        try:
+            rows = client.results(
+                model=args.model, w_bits=args.w_bits, a_bits=args.a_bits, method=args.method
+            )
+        except VitqApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    _print_json(rows)
+    return 0
+
+
 # -- wiring ----------------------------------------------------------------------------------------
 
 
@@ -378,6 +427,36 @@ def add_service_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="one artifact (default: all)")
     _client_args(p)
     p.set_defaults(func=cmd_jobs_download)
+    _add_resource_commands(subparsers)
+
+
+def _add_resource_commands(subparsers: argparse._SubParsersAction) -> None:
+    datasets = subparsers.add_parser("datasets", help="datasets through the REST API").add_subparsers(
+        dest="datasets_command", required=True
+    )
+    p = datasets.add_parser("upload", help="upload an .npz or an ImageFolder .zip/.tar/.tar.gz")
+    p.add_argument("file")
+    _client_args(p)
+    p.set_defaults(func=cmd_datasets_upload)
+
+    models = subparsers.add_parser("models", help="models through the REST API").add_subparsers(
+        dest="models_command", required=True
+    )
+    p = models.add_parser("upload", help="upload a safetensors checkpoint with its timm name and kwargs")
+    p.add_argument("file")
+    p.add_argument("--timm-name", required=True)
+    p.add_argument("--timm-kwargs", default="{}", help="JSON object")
+    p.add_argument("--preprocess", default=None, help="JSON object (mean, std, input_size, …)")
+    _client_args(p)
+    p.set_defaults(func=cmd_models_upload)
+
+    p = subparsers.add_parser("results", help="compare finished runs (FP vs quantized top-1)")
+    p.add_argument("--model")
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--a-bits", type=int)
+    p.add_argument("--method")
+    _client_args(p)
+    p.set_defaults(func=cmd_results)
 
 
 def main(argv: list[str] | None = None) -> int:

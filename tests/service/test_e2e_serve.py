@@ -55,16 +55,20 @@ def test_serve_end_to_end(tmp_path):
         )
 
         client = Client(url, api_key=key, timeout=120)
-        model = client.upload_model(
-            BUILTIN_WEIGHTS,
-            timm_name=FMNIST_TIMM["timm_name"],
-            timm_kwargs=FMNIST_TIMM["timm_kwargs"],
-            preprocess=FMNIST_TIMM["preprocess"],
-        )
-        npz = write_npz(tmp_path / "eval.npz", n=40, offset=200)
-        dataset = client.upload_dataset(npz)
-
         cli_env = env | {"VITQ_URL": url, "VITQ_API_KEY": key}
+        uploaded = _cli(
+            cli_env,
+            "models", "upload", str(BUILTIN_WEIGHTS), "--timm-name", FMNIST_TIMM["timm_name"],
+            "--timm-kwargs", json.dumps(FMNIST_TIMM["timm_kwargs"]),
+            "--preprocess", json.dumps(FMNIST_TIMM["preprocess"]),
+        )  # fmt: skip
+        assert uploaded.returncode == 0, uploaded.stderr[-2000:]
+        model = json.loads(uploaded.stdout)
+        npz = write_npz(tmp_path / "eval.npz", n=40, offset=200)
+        uploaded = _cli(cli_env, "datasets", "upload", str(npz))
+        assert uploaded.returncode == 0, uploaded.stderr[-2000:]
+        dataset = json.loads(uploaded.stdout)
+        assert dataset["n"] == 40 and client.list_datasets()[0]["id"] == dataset["id"]
         submitted = _cli(
             cli_env,
             "jobs", "submit", "--model", model["id"], "--w-bits", "4", "--a-bits", "4",
@@ -107,7 +111,8 @@ def test_serve_end_to_end(tmp_path):
 
         other = _cli(cli_env | {"VITQ_API_KEY": local_key}, "jobs", "status", job["id"])
         assert other.returncode == 2 and "404" in other.stderr  # another tenant's job
-        assert client.results(model=model["id"])[0]["job_id"] == job["id"]
+        results = _cli(cli_env, "results", "--model", model["id"], "--w-bits", "4")
+        assert results.returncode == 0 and json.loads(results.stdout)[0]["job_id"] == job["id"]
         FINISHED.update(checkpoint=ckpt, data=npz, report=report)
     finally:
         stop(serve)
