@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from core import QuantConfig, quantize
+from core.errors import CancelledError, DatasetError
+from core.reconstruct import capture_unit_io, chain_links, run_unit
+from core.wrap import find_units
+from tests.core.conftest import small_swin, small_vit
+
+
+def _calib(n=32, shape=(1, 28, 28)):
+    torch.manual_seed(0)
+    return torch.randn(n, *shape)
+
+
+def test_should_stop_cancels_within_one_optimisation_step():
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    events = []
+    with pytest.raises(CancelledError):
+        quantize(small_vit(), QuantConfig(w_bits=4, a_bits=4, preset="smoke", iters=50), _calib(),
+                 progress=events.append, should_stop=should_stop)
+    steps = [e for e in events if e["stage"] == "stage1"]
+    assert len(steps) <= 5  # no work after the first True
+
+
+def test_progress_counts_every_step_of_both_stages_in_order():
+    events = []
+    quantize(small_vit(), QuantConfig(w_bits=4, a_bits=4, preset="smoke", iters=3), _calib(), progress=events.append)
+    steps = [e for e in events if e["stage"] in ("stage1", "stage3") and e["loss"] is None and e["index"]]
+    units = 4  # patch_embed, 2 blocks, head
+    assert [e["done"] for e in steps] == list(range(1, 2 * units * 3 + 1))
+    assert all(e["total_steps"] == 2 * units * 3 for e in steps)
+    assert {e["stage"] for e in events} >= {"calibrate", "stage1", "stage2", "stage3"}
+
+
+def test_quantize_leaves_the_callers_model_untouched_and_trains_only_quantized_copies():
+    model = small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = quantize(model, QuantConfig(w_bits=3, a_bits=3, preset="smoke", iters=4), _calib())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    changed = [r for r in result.reconstruction if r["stage"] == "stage3"]
+    assert len(changed) == 4 and result.reparam_logit_change is not None
+
+
+def test_cached_chain_gives_the_same_unit_inputs_as_running_the_model_prefix():
+    from core.config import QuantConfig as Config
+    from core.wrap import wrap_model
+
+    for factory, shape in ((small_vit, (1, 28, 28)), (small_swin, (3, 56, 56))):
+        model = wrap_model(factory(), Config(w_bits=4, a_bits=4))
+        x = _calib(8, shape)
+        units = find_units(model)
+        links = chain_links(model, units, x[:2])
+        for i, linked in enumerate(links):
+            if linked:
+                prev_in = capture_unit_io(model, units[i - 1], x, 4, output=False)
+                via_chain = run_unit(model.get_submodule(units[i - 1]), prev_in, 4)
+                direct = capture_unit_io(model, units[i], x, 4, output=False)
+                assert torch.allclose(via_chain, direct, atol=1e-6), units[i]
+
+
+def test_calibration_data_must_be_images():
+    with pytest.raises(DatasetError):
+        quantize(small_vit(), QuantConfig(w_bits=4, a_bits=4, preset="smoke"), torch.randn(4, 28))
