@@ -10,16 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-CORE_CODES_BUG = pytest.mark.xfail(
-    strict=False,
-    reason="core: UniformQuantizer.codes() rounds x/scale while the fused fake-quant kernel rounds "
-    "x*(1/scale); near ties the stored codes differ by one step, so core.load does not reproduce the "
-    "report exactly. Fix: codes = clamp(round(self.quantize(x)/scale) + z, 0, L-1) (verified: logit diff 0). "
-    "Remove this mark once core has it.",
-)
-
 
 def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ import pytest
 
 from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, write_npz
-from tests.service.helpers import CORE_CODES_BUG, assert_checkpoint_reproduces_report, wait_for
+from tests.service.helpers import assert_checkpoint_reproduces_report, wait_for
 from vitq.client import Client
 from worker.webhooks import verify
 
@@ -164,7 +164,6 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path, receiver):
     assert 'vitq_jobs{status="cancelled"}' in metrics
 
 
-@CORE_CODES_BUG
 def test_downloaded_checkpoint_reproduces_report_top1():
     """core.load + core.evaluate on the downloaded checkpoint gives the report's top-1 exactly."""
     if not FINISHED:

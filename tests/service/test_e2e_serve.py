@@ -17,7 +17,7 @@ import pytest
 
 from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
-from tests.service.helpers import CORE_CODES_BUG, assert_checkpoint_reproduces_report, wait_for
+from tests.service.helpers import assert_checkpoint_reproduces_report, wait_for
 from vitq.client import Client
 
 pytestmark = pytest.mark.slow
@@ -130,7 +130,6 @@ def test_serve_end_to_end(tmp_path):
     assert not leftovers, f"processes left running: {leftovers}"
 
 
-@CORE_CODES_BUG
 def test_serve_checkpoint_reproduces_report_top1():
     """core.load + core.evaluate on the checkpoint downloaded from `vitq serve` gives the report's top-1."""
     if not FINISHED:
