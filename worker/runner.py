@@ -153,6 +153,10 @@ class JobMonitor:
                 log.exception("heartbeat for %s failed", self.job_id)
 
     def progress(self, event: dict[str, Any]) -> None:
+        # core polls should_stop between optimization steps; progress events also come at stage
+        # boundaries (load, evaluation, calibration), so a cancel takes effect there too.
+        if self.should_stop():
+            raise CancelledError("cancelled")
         stage = str(event.get("stage") or "")
         now = time.monotonic()
         stage_changed = stage != self._stage

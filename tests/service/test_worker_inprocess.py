@@ -16,6 +16,7 @@ from api.job_inputs import data_path, spec_from_stored
 from api.persistence.db import session_scope
 from api.persistence.storage import get_store
 from api.persistence.tables import Job, JobEvent, utcnow
+from core import CancelledError
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_imagefolder_zip, write_npz
 from worker.reaper import reap_stale_jobs
 from worker.report_html import render_report_html
@@ -125,6 +126,8 @@ def test_progress_is_throttled_and_has_percent_and_eta(service, monkeypatch):
                 break
             threading.Event().wait(0.1)
         assert monitor.should_stop(), "cancel did not reach should_stop()"
+        with pytest.raises(CancelledError):  # a stage boundary honours the cancel as well
+            monitor.progress({"stage": "evaluate_quant", "done": 0, "total_steps": 0})
     progress = _job(service, job_id)["progress"]
     assert progress["stage"] == "stage2" and progress["percent"] == 60.0 and progress["eta_seconds"] >= 0
     with session_scope(service.settings.resolved_database_url) as session:
