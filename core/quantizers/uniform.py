@@ -34,7 +34,7 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Reference formula with a straight-through round; used for range search over many candidates."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
+    q = torch.clamp(round_ste(x * (1.0 / scale)) + zero_point, 0, 2**bits - 1)
     return scale * (q - zero_point)
 
 
@@ -55,7 +55,7 @@ def fused_fake_quant_per_tensor(x: torch.Tensor, s: float, z: float, bits: int) 
     runs with zero point 0 and wide integer bounds, and the exact bounds follow as a float clamp.
     """
     top = 2**bits - 1
-    if z == round(z):
+    if z == round(z) and 0 <= z <= top:
         return torch.fake_quantize_per_tensor_affine(x, s, int(z), 0, top)
     low, high = min(0, math.floor(-z) - 1), max(0, math.ceil(top - z) + 1)
     return torch.fake_quantize_per_tensor_affine(x, s, 0, low, high).clamp(-s * z, s * (top - z))
@@ -136,20 +136,29 @@ class UniformQuantizer(ActQuantizer):
     def per_channel(self) -> bool:
         return self.scale.numel() > 1
 
-    def _host_params(self) -> tuple[float, float]:
-        """(s, z) as Python floats, read once per parameter change: no device sync per forward."""
+    def _host_view(self) -> tuple[float, float, bool]:
+        """Read once per parameter change, so no forward pass syncs with the device: per-tensor (s, z)
+        as floats, and whether every zero point is an integer in [0, 2^b - 1], which the fused
+        per-channel kernel requires."""
         source = getattr(self, "_host_source", None)
         versions = (self.scale._version, self.zero_point._version)
         if source is None or source[0] is not self.scale or source[1] is not self.zero_point or source[2] != versions:
-            self._host = (float(self.scale), float(self.zero_point))
+            z = self.zero_point
+            fusable = bool(((z == z.round()) & (z >= 0) & (z <= self.levels - 1)).all())
+            if self.per_channel:
+                self._host = (math.nan, math.nan, fusable)
+            else:
+                self._host = (float(self.scale), float(z), fusable)
             self._host_source = (self.scale, self.zero_point, versions)
         return self._host
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.per_channel:
+        s, z, fusable = self._host_view()
+        if not self.per_channel:
+            return fused_fake_quant_per_tensor(x, s, z, self.bits)
+        if fusable:
             return fused_fake_quant_per_channel(x, self.scale, self.zero_point, self.bits, self._channel_axis(x))
-        s, z = self._host_params()
-        return fused_fake_quant_per_tensor(x, s, z, self.bits)
+        return fake_quant(x, self.scale, self.zero_point, self.bits)
 
     def _channel_axis(self, x: torch.Tensor) -> int:
         return x.dim() - 1 if self.scale.dim() == 1 else self.channel_dim % x.dim()

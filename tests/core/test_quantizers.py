@@ -135,3 +135,18 @@ def test_disabled_quantizer_is_identity_and_calibration_passes_through():
     assert torch.equal(q(x), x)
     q.calibrating = True
     assert torch.equal(q(x), x) and bool(q.initialized)
+
+
+def test_zero_points_outside_the_code_range_still_quantize_correctly():
+    torch.manual_seed(0)
+    w = torch.rand(8, 16) + 0.5  # every channel positive: zero points fall below 0
+    q = UniformQuantizer(4, channel_dim=0, percentiles=WEIGHT_PERCENTILES)
+    q.calibrate(w)
+    assert (q.zero_point < 0).any()
+    q.enabled = True
+    assert torch.allclose(q(w), fake_quant(w, q.scale, q.zero_point, 4), atol=1e-6)
+    assert (q(w) - w).abs().max() < 0.1
+    t = UniformQuantizer(4)
+    t.calibrate(w.flatten())
+    t.enabled = True
+    assert torch.allclose(t(w), fake_quant(w, t.scale, t.zero_point, 4), atol=1e-6)
