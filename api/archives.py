@@ -12,6 +12,7 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -115,14 +116,8 @@ def check_tar(path: Path, limits: Limits) -> None:
                     assert stream is not None  # isfile() members always have a stream
                     while stream.read(1024 * 1024):
                         pass
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"corrupt or truncated tar archive: {exc}") from None
-
-
-def zlib_error() -> type[Exception]:
-    import zlib
-
-    return zlib.error
 
 
 def extract(path: Path, fmt: str, dest: Path, limits: Limits) -> Path:
