@@ -36,8 +36,12 @@ def run_rows(
     setup: BenchSetup,
     rows: list[dict[str, Any]],
     progress_factory: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Quantize and evaluate once per row (``QuantConfig`` fields plus an optional ``label``)."""
+    """Quantize and evaluate once per row (``QuantConfig`` fields plus an optional ``label``).
+
+    ``on_row`` gets the report so far after every row, so a long run leaves its finished rows behind.
+    """
     spec = resolve_model_spec(setup.model_name)
     dev = resolve_device(setup.device)
     model = build_model(spec).to(dev)
@@ -49,7 +53,12 @@ def run_rows(
     fp = accuracy(fp_logits, labels)
     fp_seconds = time.perf_counter() - t0
     calib = calib_ds.images()
-    results = []
+    results: list[dict[str, Any]] = []
+    report = {
+        "model": setup.model_name, "preset": setup.preset, "calib": setup.calib, "eval": setup.eval,
+        "device": str(dev), "threads": torch.get_num_threads(), "fp_top1": fp["top1"], "fp_top5": fp["top5"],
+        "fp_eval_seconds": round(fp_seconds, 2), "versions": library_versions(), "results": results,
+    }
     for row in rows:
         fields = {k: v for k, v in row.items() if k != "label"}
         fields.setdefault("preset", setup.preset)
@@ -74,14 +83,14 @@ def run_rows(
             "integer_exponent": config.integer_exponent, "iters": config.iters, "calib_size": int(calib.shape[0]),
             "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"], "agreement": metrics["agreement"],
             "logit_sqnr_db": metrics["logit_sqnr_db"], "drop": fp["top1"] - metrics["top1"],
-            "seconds": round(quant_seconds, 2), "stage_seconds": {k: round(v, 2) for k, v in qmodel.seconds.items()},
+            "seconds": round(quant_seconds, 2), "eval_seconds": round(time.perf_counter() - t0 - quant_seconds, 2),
+            "stage_seconds": {k: round(v, 2) for k, v in qmodel.seconds.items()},
         })
         del qmodel
-    return {
-        "model": setup.model_name, "preset": setup.preset, "calib": setup.calib, "eval": setup.eval,
-        "device": str(dev), "threads": torch.get_num_threads(), "fp_top1": fp["top1"], "fp_top5": fp["top5"],
-        "fp_eval_seconds": round(fp_seconds, 2), "versions": library_versions(), "results": results,
-    }
+        if on_row is not None:
+            on_row(report)
+    report["complete"] = True
+    return report
 
 
 def markdown_table(report: dict[str, Any]) -> str:

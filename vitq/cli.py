@@ -90,7 +90,15 @@ def _run_bench(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
     from vitq.progress import ProgressBar
 
     setup = BenchSetup(args.model, args.preset, args.calib, args.eval, args.device, args.calib_size, args.iters)
-    report = run_rows(setup, rows, progress_factory=lambda label: ProgressBar(label, disable=args.quiet))
+
+    def on_row(partial: dict[str, Any]) -> None:
+        row = partial["results"][-1]
+        print(f"done: {row['label']}  top-1 {100 * row['top1']:.2f}  ({row['seconds']:.0f} s)", file=sys.stderr)
+        if args.json:
+            write_json(args.json, partial)
+
+    report = run_rows(setup, rows, progress_factory=lambda label: ProgressBar(label, disable=args.quiet),
+                      on_row=on_row)
     print(markdown_table(report))
     if args.json:
         write_json(args.json, report)
