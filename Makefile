@@ -42,7 +42,7 @@ bench: install
 
 ablation: install
 	$(BIN)/vitq ablation --model fmnist-vit-tiny --preset quick --bits 3 \
-	  --calib fashion-mnist:train:1024 --eval fashion-mnist:test --json bench-out/ablation.json
+	  --calib fashion-mnist:train:1024 --eval fashion-mnist:test:2000 --json bench-out/ablation.json
 
 clean:
 	rm -rf $(VENV) .vitq bench-out
