@@ -41,8 +41,8 @@ bench: install
 	  --eval fashion-mnist:test --json bench-out/bench.json
 
 ablation: install
-	$(BIN)/vitq ablation --model fmnist-vit-tiny --preset quick --bits 3 \
-	  --calib fashion-mnist:train:1024 --eval fashion-mnist:test:2000 --json bench-out/ablation.json
+	$(BIN)/vitq ablation --model fmnist-vit-tiny --preset quick --iters 20 --bits 3 \
+	  --calib fashion-mnist:train:1024 --eval fashion-mnist:test:2000 --json bench-out/ablation-fast.json
 
 clean:
 	rm -rf $(VENV) .vitq bench-out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,17 +11,27 @@ from torch import nn
 
 from core.data import ImageDataset
 from core.device import resolve_device
-from core.errors import DatasetError
+from core.errors import CancelledError, DatasetError
 
 EVAL_BATCH = 256
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset: ImageDataset, device: str | torch.device | None = None) -> torch.Tensor:
-    """Logits for every image, on the CPU, in dataset order."""
+def predict_logits(
+    model: nn.Module,
+    dataset: ImageDataset,
+    device: str | torch.device | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Logits for every image, on the CPU, in dataset order; ``should_stop`` is polled per batch."""
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    return torch.cat([model(x.to(dev)).float().cpu() for x, _ in dataset.batches(EVAL_BATCH)])
+    out = []
+    for x, _ in dataset.batches(EVAL_BATCH):
+        if should_stop is not None and should_stop():
+            raise CancelledError("cancelled during evaluation")
+        out.append(model(x.to(dev)).float().cpu())
+    return torch.cat(out)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:

@@ -175,10 +175,17 @@ def resolve_model_spec(value: str | dict[str, Any] | ModelSpec) -> ModelSpec:
     raise ModelSpecError(f"unknown model {value!r}: not a built-in ({', '.join(builtins)}), spec file, or timm name")
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < (1 << 27) and head[8:9] == b"{"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelSpecError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:

@@ -106,7 +106,7 @@ def run_quantization(
     if eval_ds is not None:
         emit("evaluate_fp")
         t0 = time.perf_counter()
-        fp_logits = predict_logits(model, eval_ds, dev)
+        fp_logits = predict_logits(model, eval_ds, dev, should_stop)
         fp_metrics = accuracy(fp_logits, labels)
         seconds["evaluate_fp"] = time.perf_counter() - t0
 
@@ -118,7 +118,7 @@ def run_quantization(
     if eval_ds is not None:
         emit("evaluate_quant")
         t0 = time.perf_counter()
-        q_logits = predict_logits(qmodel.model, eval_ds, dev)
+        q_logits = predict_logits(qmodel.model, eval_ds, dev, should_stop)
         quant_metrics = {**accuracy(q_logits, labels), **agreement(fp_logits, q_logits)}
         seconds["evaluate_quant"] = time.perf_counter() - t0
 

@@ -48,7 +48,8 @@ def test_spec_json_with_safetensors_and_pth_weights_loads(tmp_path):
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": state}, tmp_path / "w.pth")
     x = torch.randn(2, 1, 28, 28)
-    for name in ("w.safetensors", "w.pth"):
+    (tmp_path / "w.bin").write_bytes((tmp_path / "w.safetensors").read_bytes())  # named by content, not suffix
+    for name in ("w.safetensors", "w.pth", "w.bin"):
         loaded = build_model(_spec(tmp_path, name))
         assert torch.equal(loaded(x), model(x))
 

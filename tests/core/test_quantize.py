@@ -67,3 +67,20 @@ def test_cached_chain_gives_the_same_unit_inputs_as_running_the_model_prefix():
 def test_calibration_data_must_be_images():
     with pytest.raises(DatasetError):
         quantize(small_vit(), QuantConfig(w_bits=4, a_bits=4, preset="smoke"), torch.randn(4, 28))
+
+
+def test_evaluation_can_be_cancelled_between_batches():
+    from core.data import load_dataset
+    from core.evaluate import predict_logits
+    from core.models import Preprocess
+
+    data = load_dataset("fashion-mnist:test:600", Preprocess(mean=(0.286,), std=(0.353,), input_size=(1, 28, 28)))
+    polls = {"n": 0}
+
+    def stop_after_one_batch():
+        polls["n"] += 1
+        return polls["n"] > 1
+
+    with pytest.raises(CancelledError, match="evaluation"):
+        predict_logits(small_vit(), data, should_stop=stop_after_one_batch)
+    assert polls["n"] == 2
