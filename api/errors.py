@@ -7,11 +7,23 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.persistence.storage import StorageError
 from core.errors import VitqError
 
 log = logging.getLogger("vitq.api")
+RETRY_AFTER_S = "5"
+
+DATABASE_UNREACHABLE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+)
+"""Errors that mean the database cannot be reached right now (restart, failover, pool exhausted): the
+request was fine, so the answer is 503 + Retry-After, never a 500."""
 
 
 class ApiError(Exception):
@@ -69,6 +81,26 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    async def _database_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unreachable: %s", type(exc).__name__)
+        return JSONResponse(
+            error_body("database_unavailable", "the database is unreachable; try again shortly"),
+            status_code=503,
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
+
+    for exc_type in DATABASE_UNREACHABLE:
+        app.add_exception_handler(exc_type, _database_unreachable)
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
+        log.error("artifact store: %s", exc)
+        if exc.disk_full:
+            body = error_body("insufficient_storage", "the server has no space left for this upload")
+            return JSONResponse(body, status_code=507, headers={"Retry-After": "60"})
+        body = error_body("storage_unavailable", "the artifact store cannot be written; try again later")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "60"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,6 @@
-"""Jobs whose worker died: re-queued while attempts remain, failed after. Never left ``running``."""
+"""Jobs whose worker died: re-queued while attempts remain, failed after. Never left ``running``.
+Jobs whose broker message was lost (Redis restarted without persistence): sent again.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from sqlalchemy import select, update
 from api.persistence.db import session_scope
 from api.persistence.settings import Settings
 from api.persistence.tables import Job, JobErrorCode, JobEvent, JobStatus, utcnow
+from worker.broker_inventory import pending_job_ids
 
 log = logging.getLogger("vitq.worker")
 
@@ -24,11 +27,12 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
     failed: list[str] = []
     with session_scope(settings.resolved_database_url) as session:
         candidates = session.execute(
-            select(Job.id, Job.attempts, Job.cancel_requested).where(
+            select(Job.id, Job.attempts, Job.cancel_requested, Job.started_at).where(
                 Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale
             )
         ).all()
-        for job_id, attempts, cancel_requested in candidates:
+        over_time = now - timedelta(seconds=settings.job_soft_time_limit_s)
+        for job_id, attempts, cancel_requested, started_at in candidates:
             base = update(Job).where(
                 Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale
             )
@@ -42,6 +46,20 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
                 )
                 if session.execute(base.values(**values)).rowcount:
                     session.add(JobEvent(job_id=job_id, kind="cancelled", message=values["error_message"]))
+                    failed.append(job_id)
+            elif started_at is not None and started_at < over_time:
+                # Past its time limit and gone: Celery's hard limit killed the process (or it hung).
+                # Running it again would only hit the same limit.
+                message = f"the job ran past the time limit of {settings.job_soft_time_limit_s} s"
+                values = dict(
+                    status=JobStatus.FAILED.value,
+                    error_code=JobErrorCode.TIMEOUT.value,
+                    error_message=message,
+                    finished_at=now,
+                    updated_at=now,
+                )
+                if session.execute(base.values(**values)).rowcount:
+                    session.add(JobEvent(job_id=job_id, kind="failed", message=message))
                     failed.append(job_id)
             elif attempts >= settings.max_attempts:
                 message = f"worker lost {attempts} time(s); giving up after {settings.max_attempts} attempts"
@@ -74,6 +92,43 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
     return {"requeued": requeued, "ended": failed}
 
 
+def requeue_lost_messages(
+    settings: Settings, enqueue: Callable[[str], None], pending: set[str] | None
+) -> list[str]:
+    """Send again the ``queued`` jobs that have no message in the broker (``pending``, from
+    ``worker.broker_inventory``) and have waited ``lost_message_after_s``. Two reapers never both send:
+    the row's ``updated_at`` is compare-and-set first. A duplicate message is harmless anyway (the
+    claim is a compare-and-set), it only costs a no-op delivery."""
+    if pending is None:
+        return []
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.lost_message_after_s)
+    resent: list[str] = []
+    with session_scope(settings.resolved_database_url) as session:
+        waiting = session.execute(
+            select(Job.id, Job.updated_at).where(Job.status == JobStatus.QUEUED.value, Job.updated_at < cutoff)
+        ).all()
+        for job_id, updated_at in waiting:
+            if job_id in pending:
+                continue
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.updated_at == updated_at)
+                .values(updated_at=now)
+            ).rowcount
+            if taken:
+                session.add(JobEvent(job_id=job_id, kind="requeued", message="broker lost its message; sent again"))
+                resent.append(job_id)
+    for job_id in resent:
+        try:
+            enqueue(job_id)
+        except Exception:
+            log.exception("could not re-enqueue %s; a later pass retries", job_id)
+    if resent:
+        log.warning("reaper: broker had lost %d queued job(s); sent again: %s", len(resent), resent)
+    return resent
+
+
 class Reaper:
     """Runs ``reap_stale_jobs`` at worker start and then every ``reaper_interval_s``."""
 
@@ -93,7 +148,8 @@ class Reaper:
         while True:
             try:
                 reap_stale_jobs(self.settings, self.enqueue)
-            except Exception:
-                log.exception("reaper pass failed")
+                requeue_lost_messages(self.settings, self.enqueue, pending_job_ids(self.settings))
+            except Exception as exc:  # database or broker down: the next pass tries again
+                log.warning("reaper pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
             if self._stop.wait(self.settings.reaper_interval_s):
                 return

@@ -6,6 +6,7 @@ stays a thin wrapper.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -18,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from api.archives import Limits
 from api.job_inputs import data_path, spec_from_stored
 from api.persistence.db import session_scope
 from api.persistence.settings import Settings
-from api.persistence.storage import get_store
+from api.persistence.storage import StorageError, get_store
 from api.persistence.tables import Artifact, Job, JobErrorCode, JobEvent, JobStatus, Report, utcnow
 from core import CancelledError, QuantConfig, VitqError, run_quantization
+from worker.memory import release_memory
 from worker.report_html import render_report_html
 
 log = logging.getLogger("vitq.worker")
@@ -180,14 +183,22 @@ class JobMonitor:
             "eta_seconds": eta,
             "updated_at": utcnow().isoformat(),
         }
-        with session_scope(self.settings.resolved_database_url) as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.worker == self.me)
-                .values(progress=record, updated_at=utcnow())
-            )
-            if stage_changed:
-                session.add(JobEvent(job_id=self.job_id, kind="stage", message=stage, data={"stage": stage}))
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.worker == self.me)
+                    .values(progress=record, updated_at=utcnow())
+                )
+                if stage_changed:
+                    session.add(
+                        JobEvent(job_id=self.job_id, kind="stage", message=stage, data={"stage": stage})
+                    )
+        except DBAPIError as exc:
+            # Progress is best effort: a database restart must not kill an hours-long job. The next
+            # event writes again (the stage event too, since _stage is not advanced).
+            log.warning("progress of %s not written (database unreachable: %s)", self.job_id, type(exc).__name__)
+            return
         self._stage = stage
 
 
@@ -244,6 +255,17 @@ def _store_results(session: Session, settings: Settings, job: Job, out: Path, re
     return _summary(report, sha, size)
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+"""OSErrors from core that mean the worker's scratch disk failed, not that the job is wrong."""
+
+
+def _fail_storage(settings: Settings, job_id: str, me: str, exc: OSError) -> None:
+    log.error("job %s: storage failed: %s", job_id, exc)
+    reason = exc.strerror or str(exc)
+    message = str(exc) if isinstance(exc, StorageError) else f"could not write job output: {reason}"
+    _finish(settings, job_id, me, JobStatus.FAILED, code=JobErrorCode.STORAGE.value, message=message)
+
+
 def run_job(
     settings: Settings, job_id: str, *, soft_timeout: type[BaseException] | None = None
 ) -> str | None:
@@ -260,11 +282,11 @@ def run_job(
         calibration_ref, evaluation_ref = job.calibration, job.evaluation
     scratch = Path(tempfile.mkdtemp(prefix=f"vitq-{job_id}-"))
     limits = Limits(max_members=settings.max_archive_members, max_bytes=settings.max_archive_bytes)
-    store = get_store(settings.resolved_storage_dir)
     status = JobStatus.FAILED
     try:
         with JobMonitor(settings, job_id, me) as monitor:
             try:
+                store = get_store(settings.resolved_storage_dir)
                 with session_scope(db_url) as session:
                     spec = spec_from_stored(stored_spec, store, settings.resolved_cache_dir)
                     cache = settings.resolved_cache_dir / "datasets"
@@ -313,6 +335,9 @@ def run_job(
                         message=f"the job ran past the time limit of {settings.job_soft_time_limit_s} s",
                     )
                     return status.value
+                if isinstance(exc, StorageError) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
+                    _fail_storage(settings, job_id, me, exc)
+                    return status.value
                 log.exception("job %s crashed", job_id)
                 _finish(
                     settings,
@@ -323,19 +348,24 @@ def run_job(
                     message=f"{type(exc).__name__}: {str(exc)[:500]}",
                 )
                 return status.value
-        with session_scope(db_url) as session:
-            job = session.get(Job, job_id)
-            if job is None or job.status != JobStatus.RUNNING.value or job.worker != me:
-                return None
-            summary = _store_results(session, settings, job, scratch / "out", report)
-            now = utcnow()
-            job.status = JobStatus.SUCCEEDED.value
-            job.result = summary
-            job.finished_at = now
-            job.updated_at = now
-            job.progress = {**(job.progress or {}), "percent": 100.0, "eta_seconds": 0.0}
-            session.add(JobEvent(job_id=job_id, kind="succeeded", message="artifacts stored"))
+        try:
+            with session_scope(db_url) as session:
+                job = session.get(Job, job_id)
+                if job is None or job.status != JobStatus.RUNNING.value or job.worker != me:
+                    return None
+                summary = _store_results(session, settings, job, scratch / "out", report)
+                now = utcnow()
+                job.status = JobStatus.SUCCEEDED.value
+                job.result = summary
+                job.finished_at = now
+                job.updated_at = now
+                job.progress = {**(job.progress or {}), "percent": 100.0, "eta_seconds": 0.0}
+                session.add(JobEvent(job_id=job_id, kind="succeeded", message="artifacts stored"))
+        except OSError as exc:  # rolled back: no artifact row points at a blob that is not whole
+            _fail_storage(settings, job_id, me, exc)
+            return status.value
         status = JobStatus.SUCCEEDED
         return status.value
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        release_memory()

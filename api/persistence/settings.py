@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(60.0, description="A running job without heartbeat this long is re-queued.")
     reaper_interval_s: float = Field(30.0, description="How often a worker looks for stale jobs.")
     max_attempts: int = Field(3, description="Attempts before a job whose worker died is failed.")
+    lost_message_after_s: float = Field(
+        60.0, description="A queued job the broker holds no message for this long is sent again."
+    )
     progress_interval_s: float = Field(1.0, description="Minimum seconds between progress writes.")
 
     webhook_max_retries: int = Field(5, description="Webhook delivery retries (exponential backoff).")

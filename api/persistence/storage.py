@@ -6,9 +6,9 @@ directory as ``<root>/<sha[:2]>/<sha>``. An S3 backend implements the same five 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -22,6 +22,18 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class StorageError(OSError):
+    """The store could not take a blob (disk full, directory unwritable, …).
+
+    A subclass of ``OSError`` that keeps the errno, so callers can tell a full disk (the client may
+    retry later) from a broken store, and say which in one clear message.
+    """
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class ArtifactStore(Protocol):
@@ -41,7 +53,10 @@ class ArtifactStore(Protocol):
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"artifact store {self.root} unusable: {exc.strerror or exc}") from exc
 
     def _path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -53,11 +68,10 @@ class LocalStore:
         size = Path(path).stat().st_size
         target = self._path(sha)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-            os.close(fd)
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
+            try:
+                _write_atomically(Path(path), target)
+            except OSError as exc:
+                raise StorageError(exc.errno, f"could not store {Path(path).name}: {exc.strerror or exc}") from exc
         return sha, size
 
     def open(self, sha256: str) -> BinaryIO:
@@ -74,6 +88,28 @@ class LocalStore:
 
     def delete(self, sha256: str) -> None:
         self._path(sha256).unlink(missing_ok=True)
+
+
+def _write_atomically(source: Path, target: Path) -> None:
+    """Copy to a temporary name beside ``target``, fsync, then rename: a reader (or a crash) only
+    ever sees no blob or the whole blob, never a prefix; a failed copy leaves nothing behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
 
 
 def get_store(root: Path) -> ArtifactStore:

@@ -78,6 +78,8 @@ class JobErrorCode(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
     BROKER_UNAVAILABLE = "broker_unavailable"
+    STORAGE = "storage_error"
+    """The artifact store or the worker's scratch disk could not be written (full, unwritable)."""
     INTERNAL = "internal_error"
 
 

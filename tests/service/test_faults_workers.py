@@ -1,0 +1,127 @@
+"""Faults of the workers, through real processes (`vitq api` + `vitq worker` on PostgreSQL and Redis):
+a worker SIGKILLed in stage 1, two workers and a message delivered twice, a job past its time limit.
+Each test asserts the job's final state and that nothing ran twice or went missing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.service.fault_stack import FAST_JOB, FOREVER_JOB, isvit_job, stack_factory  # noqa: F401
+from tests.service.helpers import wait_for
+from worker.celery_app import RUN_JOB, celery_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_worker_killed_in_stage1_is_rerun_then_failed_at_the_attempt_limit(stack_factory):  # noqa: F811
+    stack = stack_factory(stale_after_s="3", reaper_interval_s="1", max_attempts="3")
+    stack.start_api()
+    stack.start_worker("worker1")
+    client = stack.client()
+    job = client.submit_job(**isvit_job(8))["id"]
+    stack.wait_stage(job, "stage1")
+    stack.kill("worker1")
+    assert stack.row(job).status == "running"  # nobody is left to say otherwise
+
+    # a restarted worker: its reaper sees the heartbeat stopped, re-queues, and the job runs again
+    stack.start_worker("worker2")
+    done = stack.wait_finished(job, timeout=240)
+    assert done.status == "succeeded" and done.attempts == 2, (done.status, done.error_message)
+    kinds = [kind for kind, _ in stack.events(job)]
+    assert kinds.count("started") == 2 and kinds.count("requeued") == 1 and kinds.count("succeeded") == 1
+    assert stack.outputs(job) == (3, 1)  # one set of artifacts, one report: stored once
+
+    # the same fault with the attempt limit reached: failed with the reason, not re-run, not `running`
+    doomed = client.submit_job(**FOREVER_JOB)["id"]
+    stack.wait_stage(doomed, "stage1")
+    stack.kill("worker2")
+    stack.start_worker("worker3", max_attempts="1")
+    failed = stack.wait_finished(doomed, timeout=60)
+    assert failed.status == "failed" and failed.error_code == "worker_lost", failed.status
+    assert "giving up after 1 attempts" in failed.error_message
+    assert failed.attempts == 1 and stack.outputs(doomed) == (0, 0)
+    public = client.get_job(doomed)
+    assert public["status"] == "failed" and public["error"]["code"] == "worker_lost"
+
+
+def test_two_workers_and_a_twice_delivered_message_run_the_job_once(stack_factory):  # noqa: F811
+    stack = stack_factory()
+    stack.start_api()
+    first = stack.start_worker("worker1")
+    second = stack.start_worker("worker2")
+    client = stack.client()
+    job = client.submit_job(**FAST_JOB)["id"]
+    # the broker delivers the job twice more, under one task id (as a redelivery would)
+    app = celery_for(_settings(stack))
+    for _ in range(2):
+        app.send_task(RUN_JOB, args=[job], queue=stack.env["VITQ_QUEUE"], task_id=f"dup-{job}")
+
+    done = stack.wait_finished(job, timeout=180)
+    assert done.status == "succeeded" and done.attempts == 1
+
+    def deliveries() -> int:
+        return sum(_handled(stack.log(name)) for name in ("worker1", "worker2"))
+
+    wait_for(lambda: deliveries() == 3, timeout=60, what="all three deliveries to be handled")
+    refused = sum(_log(stack.log(n)).count(f"job {job} not claimable") for n in ("worker1", "worker2"))
+    assert refused == 2  # the claim (compare-and-set on the row) turned the two extra deliveries away
+    assert all(_handled(stack.log(n)) for n in ("worker1", "worker2")), "both workers got a delivery"
+    kinds = [kind for kind, _ in stack.events(job)]
+    assert kinds.count("started") == 1 and kinds.count("succeeded") == 1
+    assert stack.outputs(job) == (3, 1)
+    assert first.poll() is None and second.poll() is None
+
+
+def test_time_limit_fails_the_job_frees_memory_and_the_worker_takes_the_next(stack_factory):  # noqa: F811
+    stack = stack_factory(job_soft_time_limit_s="25", job_time_limit_s="120")
+    stack.start_api()
+    stack.start_worker()
+    client = stack.client()
+    slow = client.submit_job(**FOREVER_JOB)["id"]
+    stack.wait_stage(slow, "stage1")
+    child = int(stack.row(slow).worker.split(":")[1].split("/")[0])
+    peak = _rss_mb(child)
+    wait_for(lambda: stack.row(slow).progress.get("done", 0) > 20, timeout=60, what="stage 1 working")
+    peak = max(peak, _rss_mb(child))
+    timed_out = stack.wait_finished(slow, timeout=120)
+    assert timed_out.status == "failed" and timed_out.error_code == "timeout", timed_out.error_message
+    assert "time limit of 25 s" in timed_out.error_message and timed_out.attempts == 1
+    after = _rss_mb(child)
+
+    nxt = client.submit_job(**FAST_JOB)["id"]
+    done = stack.wait_finished(nxt, timeout=180)
+    assert done.status == "succeeded" and done.worker == timed_out.worker  # the same pool process
+    assert stack.outputs(slow) == (0, 0) and stack.outputs(nxt) == (3, 1)
+    print(f"pool child RSS: {peak:.0f} MB in stage 1, {after:.0f} MB after the timeout")
+    assert after < peak, (peak, after)
+
+
+def _settings(stack):  # noqa: ANN001, ANN202
+    from api.persistence.settings import Settings
+
+    return Settings(
+        data_dir=stack.data_dir,
+        database_url=stack.database_url,
+        broker_url=stack.env["VITQ_BROKER_URL"],
+        queue=stack.env["VITQ_QUEUE"],
+    )
+
+
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+def _handled(path: Path) -> int:
+    """How many ``run_job`` deliveries this worker finished (its queue only ever carries this job)."""
+    return len(re.findall(rf"Task {re.escape(RUN_JOB)}\[[^\]]+\] succeeded in", _log(path)))
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
