@@ -83,6 +83,7 @@ def run_rows(
             "integer_exponent": config.integer_exponent, "iters": config.iters, "calib_size": int(calib.shape[0]),
             "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"], "agreement": metrics["agreement"],
             "logit_sqnr_db": metrics["logit_sqnr_db"], "drop": fp["top1"] - metrics["top1"],
+            "reconstruction_units": len({r["unit"] for r in qmodel.reconstruction}),
             "seconds": round(quant_seconds, 2), "eval_seconds": round(time.perf_counter() - t0 - quant_seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in qmodel.seconds.items()},
         })
