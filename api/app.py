@@ -9,6 +9,7 @@ from api.errors import error_body, install_error_handlers
 from api.metrics import LatencyMiddleware, make_registry
 from api.persistence.settings import Settings, get_settings
 from api.routes import artifacts, datasets, health, jobs, models, results
+from api.uploads import sweep_orphaned_scratch
 
 DESCRIPTION = """Quantization-as-a-service for Vision Transformers (I&S-ViT post-training quantization).
 
@@ -63,6 +64,7 @@ async def _send_json(send: Send, status: int, length: int, limit: int) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    sweep_orphaned_scratch(settings.resolved_cache_dir / "uploads")  # a previous process was killed
     app = FastAPI(title="vitq", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     registry, latency = make_registry(settings.resolved_database_url)

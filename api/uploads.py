@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,14 +15,50 @@ from fastapi import UploadFile
 from api.errors import ApiError
 
 
+def _scratch_prefix(pid: int) -> str:
+    return f"upload-{socket.gethostname()}-{pid}-"
+
+
 @contextmanager
 def scratch_dir(root: Path) -> Iterator[Path]:
+    """A private directory for one upload, named after this host and process so that the leftovers of a
+    killed process can be told apart from the uploads still in flight (``sweep_orphaned_scratch``)."""
     root.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=root, prefix="upload-"))
+    path = Path(tempfile.mkdtemp(dir=root, prefix=_scratch_prefix(os.getpid())))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_orphaned_scratch(root: Path) -> list[Path]:
+    """Remove the upload directories of processes on this host that are gone (a killed or crashed API).
+
+    Why: an upload cut short by a SIGKILL leaves its half-received copy behind; nothing ever reads it
+    (only a committed dataset row makes a file visible), but it would fill the disk over restarts.
+    """
+    removed: list[Path] = []
+    host_prefix = f"upload-{socket.gethostname()}-"
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        if not path.name.startswith(host_prefix):
+            continue
+        pid_text = path.name[len(host_prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def safe_filename(name: str | None, default: str) -> str:

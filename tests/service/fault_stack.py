@@ -60,7 +60,8 @@ class Stack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start_api(self, name: str = "api") -> None:
-        port = free_port()
+        """Start (or restart, on the same port, so clients keep their URL) the API process."""
+        port = int(self.url.rsplit(":", 1)[1]) if self.url else free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.procs[name] = start(
             vitq_command("api", "--host", "127.0.0.1", "--port", str(port)), self.env, self.log(name)

@@ -125,3 +125,29 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_reaper_fails_a_job_killed_by_the_hard_time_limit_as_timeout(service):
+    """Celery's hard limit kills the pool process, so the job cannot record its own timeout; the reaper
+    must not re-run it (it would hit the same limit) but fail it with ``timeout``."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from api.persistence.db import session_scope
+    from api.persistence.tables import Job, utcnow
+    from tests.service.factories import auth
+    from worker.reaper import reap_stale_jobs
+    from worker.runner import claim
+
+    settings = service.settings
+    response = service.client.post("/v1/jobs", json=FAST_JOB, headers=auth(service.key_a))
+    job = response.json()["id"]
+    assert claim(settings, job, "killed-by-hard-limit")
+    long_ago = utcnow() - timedelta(seconds=settings.job_soft_time_limit_s + 60)
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(update(Job).where(Job.id == job).values(started_at=long_ago, heartbeat_at=long_ago))
+    sent: list[str] = []
+    assert job in reap_stale_jobs(settings, sent.append)["ended"] and sent == []
+    body = service.client.get(f"/v1/jobs/{job}", headers=auth(service.key_a)).json()
+    assert body["status"] == "failed" and body["error"]["code"] == "timeout"
