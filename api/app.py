@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import error_body, install_error_handlers
+from api.errors import install_error_handlers
 from api.metrics import LatencyMiddleware, make_registry
 from api.persistence.settings import Settings, get_settings
+from api.request_body import RequestBodyGuard
 from api.routes import artifacts, datasets, health, jobs, models, results
 from api.uploads import sweep_orphaned_scratch
 
@@ -16,50 +16,6 @@ DESCRIPTION = """Quantization-as-a-service for Vision Transformers (I&S-ViT post
 Authenticate with `Authorization: Bearer <key>` (`vitq keys create --tenant NAME`).
 Errors are JSON `{"error": {"code", "message"}}`.
 """
-
-
-class BodySizeLimit:
-    """Refuses requests whose declared Content-Length is over the upload limit, before reading them."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", []):
-                if name == b"content-length":
-                    try:
-                        length = int(value)
-                    except ValueError:
-                        length = -1
-                    if length < 0 or length > self.max_bytes:
-                        await _send_json(send, 413 if length > 0 else 400, length, self.max_bytes)
-                        return
-        await self.app(scope, receive, send)
-
-
-async def _send_json(send: Send, status: int, length: int, limit: int) -> None:
-    import json
-
-    if status == 413:
-        body = error_body(
-            "upload_too_large", f"request body of {length} bytes exceeds the limit of {limit} bytes"
-        )
-    else:
-        body = error_body("invalid_request", "invalid Content-Length header")
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +29,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, jobs, artifacts, datasets, models, results):
         app.include_router(module.router)
     # Multipart framing adds a little to the file itself.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+    app.add_middleware(
+        RequestBodyGuard,
+        max_bytes=settings.max_upload_bytes + 1024 * 1024,
+        idle_timeout_s=settings.body_idle_timeout_s,
+        total_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(LatencyMiddleware, histogram=latency)
     return app

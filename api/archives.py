@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from api.persistence.storage import ArtifactStore
+from core.archive import ArchiveLimits, check_tar_members, check_zip_members, safe_extract
+from core.errors import DatasetError
 
 FORMATS = ("npz", "zip", "tar")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -60,87 +61,53 @@ def detect_format(filename: str, path: Path) -> str:
     )
 
 
-def _check_name(name: str) -> PurePosixPath:
-    if not name or "\x00" in name:
-        raise ArchiveError("archive member with an empty or NUL name")
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise ArchiveError(f"archive member with an absolute path: {name!r}")
-    path = PurePosixPath(name.replace("\\", "/"))
-    if ".." in path.parts:
-        raise ArchiveError(f"archive member escapes the archive ('..'): {name!r}")
-    return path
+def _core_limits(limits: Limits) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_members=limits.max_members, max_total_bytes=limits.max_bytes, max_member_bytes=limits.max_bytes
+    )
 
 
 def check_zip(path: Path, limits: Limits, *, npz: bool = False) -> None:
+    """core's member checks (names, links, encryption, sizes, compression ratio; ``.npy`` only for an
+    .npz), then every member's CRC, so a corrupt upload is refused before anything is stored."""
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if len(infos) > limits.max_members:
-                raise ArchiveError(f"archive has {len(infos)} members, over the limit {limits.max_members}")
-            total = 0
-            for info in infos:
-                _check_name(info.filename)
-                mode = info.external_attr >> 16
-                if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                    raise ArchiveError(f"archive member is a link or special file: {info.filename!r}")
-                if info.flag_bits & 0x1:
-                    raise ArchiveError(f"archive member is encrypted: {info.filename!r}")
-                if npz and not info.filename.endswith(".npy"):
-                    raise ArchiveError(f".npz member is not an .npy array: {info.filename!r}")
-                total += info.file_size
-                if total > limits.max_bytes:
-                    raise ArchiveError(f"archive expands to more than {limits.max_bytes} bytes")
+            check_zip_members(zf, _core_limits(limits), only_suffix=".npy" if npz else None)
             bad = zf.testzip()
             if bad is not None:
                 raise ArchiveError(f"archive member is corrupt: {bad!r}")
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+    except DatasetError as exc:
+        raise ArchiveError(str(exc)) from None
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"corrupt or truncated zip archive: {exc}") from None
 
 
 def check_tar(path: Path, limits: Limits) -> None:
+    """core's member checks, then read every member through, so truncation shows before extraction."""
     try:
         with tarfile.open(path, "r:*") as tf:
-            count = total = 0
-            for member in tf:
-                count += 1
-                if count > limits.max_members:
-                    raise ArchiveError(f"archive has more members than the limit {limits.max_members}")
-                _check_name(member.name)
-                if not (member.isfile() or member.isdir()):
-                    raise ArchiveError(f"archive member is a link or special file: {member.name!r}")
-                total += member.size
-                if total > limits.max_bytes:
-                    raise ArchiveError(f"archive expands to more than {limits.max_bytes} bytes")
-                if member.isfile():
-                    stream = tf.extractfile(member)
-                    assert stream is not None  # isfile() members always have a stream
-                    while stream.read(1024 * 1024):
-                        pass
+            for member in check_tar_members(tf, _core_limits(limits), path.stat().st_size):
+                stream = tf.extractfile(member) if member.isfile() else None
+                while stream is not None and stream.read(1024 * 1024):
+                    pass
+    except DatasetError as exc:
+        raise ArchiveError(str(exc)) from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"corrupt or truncated tar archive: {exc}") from None
 
 
 def extract(path: Path, fmt: str, dest: Path, limits: Limits) -> Path:
     """Check then extract an ImageFolder archive into ``dest``; return the ImageFolder root."""
-    dest.mkdir(parents=True, exist_ok=True)
+    if fmt not in ("zip", "tar"):
+        raise ArchiveError(f"not an archive format: {fmt}")
     if fmt == "zip":
         check_zip(path, limits)
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                rel = _check_name(info.filename)
-                target = dest.joinpath(*rel.parts)
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    elif fmt == "tar":
-        check_tar(path, limits)
-        with tarfile.open(path, "r:*") as tf:
-            tf.extractall(dest, filter="data")
     else:
-        raise ArchiveError(f"not an archive format: {fmt}")
+        check_tar(path, limits)
+    try:
+        safe_extract(path, dest, _core_limits(limits))
+    except DatasetError as exc:
+        raise ArchiveError(str(exc)) from None
     return imagefolder_root(dest)
 
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,17 @@ FMNIST_SIZES = {"train": 60_000, "test": 10_000}
 FMNIST_INFO = {"image_shape": [1, 28, 28], "num_classes": 10, "has_labels": True, "normalized": False}
 
 
-def builtin_ids() -> set[str]:
-    return {m["id"] for m in list_builtin_models()}
+@lru_cache(maxsize=1)
+def builtin_ids() -> frozenset[str]:
+    """Cached: the built-ins are files bundled with the package, and listing them re-reads them."""
+    return frozenset(m["id"] for m in list_builtin_models())
+
+
+@lru_cache(maxsize=32)
+def _builtin_spec(model_id: str) -> Any:
+    """Cached: resolving a built-in spec costs ~5 ms (timm's model registry is sorted on every call),
+    which was a third of ``POST /v1/jobs`` under load. Specs are frozen dataclasses."""
+    return resolve_model_spec(model_id)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ def model_file(store: ArtifactStore, sha256: str, cache_dir: Path) -> Path:
 def spec_from_stored(stored: dict[str, Any], store: ArtifactStore, cache_dir: Path) -> Any:
     kind = stored["kind"]
     if kind == "builtin":
-        return resolve_model_spec(stored["id"])
+        return _builtin_spec(stored["id"])
     spec: dict[str, Any] = {"timm_name": stored["timm_name"], "timm_kwargs": stored["timm_kwargs"]}
     if kind == "upload":
         spec["checkpoint"] = str(model_file(store, stored["sha256"], cache_dir))

@@ -4,6 +4,7 @@ at scrape time, so they are right whichever process (API or worker) changed a jo
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.persistence.db import session_factory
 from api.persistence.tables import Job, JobStatus
 
-DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+DURATION_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 
 
 class JobCollector(Collector):
@@ -29,12 +30,18 @@ class JobCollector(Collector):
         duration = HistogramMetricFamily(
             "vitq_job_duration_seconds", "Wall time of finished jobs, start to end", labels=["status"]
         )
+        wait = HistogramMetricFamily(
+            "vitq_job_queue_wait_seconds", "Time from submission to a worker starting the job (last start)"
+        )
         with session_factory(self.database_url)() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             finished = session.execute(
                 select(Job.status, Job.started_at, Job.finished_at).where(
                     Job.started_at.is_not(None), Job.finished_at.is_not(None)
                 )
+            ).all()
+            started = session.execute(
+                select(Job.created_at, Job.started_at).where(Job.started_at.is_not(None))
             ).all()
         for status in JobStatus:
             by_status.add_metric([status.value], counts.get(status.value, 0))
@@ -43,22 +50,43 @@ class JobCollector(Collector):
         for status, started, ended in finished:
             per_status.setdefault(status, []).append(max(0.0, (ended - started).total_seconds()))
         for status, values in sorted(per_status.items()):
-            buckets = [(str(b), sum(1 for v in values if v <= b)) for b in DURATION_BUCKETS]
-            buckets.append(("+Inf", len(values)))
-            duration.add_metric([status], buckets, sum(values))
+            duration.add_metric([status], _buckets(values), sum(values))
+        waits = [max(0.0, (s - c).total_seconds()) for c, s in started]
+        wait.add_metric([], _buckets(waits), sum(waits))
         yield by_status
         yield queue
         yield duration
+        yield wait
+
+
+def _buckets(values: list[float]) -> list[tuple[str, int]]:
+    """Cumulative Prometheus buckets over ``DURATION_BUCKETS`` (one sorted pass)."""
+    ordered = sorted(values)
+    out, i = [], 0
+    for bound in DURATION_BUCKETS:
+        while i < len(ordered) and ordered[i] <= bound:
+            i += 1
+        out.append((str(bound), i))
+    out.append(("+Inf", len(ordered)))
+    return out
 
 
 def make_registry(database_url: str) -> tuple[CollectorRegistry, Histogram]:
+    """With several API processes (``vitq api --workers N``) each one records latency into
+    ``PROMETHEUS_MULTIPROC_DIR`` and a scrape of any of them sums all, instead of showing one
+    process's share at random."""
     registry = CollectorRegistry()
     registry.register(JobCollector(database_url))
+    shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    if shared:
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
     latency = Histogram(
         "vitq_http_request_duration_seconds",
         "HTTP request latency",
         ["method", "route", "status"],
-        registry=registry,
+        registry=None if shared else registry,
     )
     return registry, latency
 

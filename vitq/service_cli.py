@@ -49,7 +49,16 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     from api.app import create_app
 
-    uvicorn.run(create_app(_settings()), host=args.host, port=args.port, log_level=args.log_level)
+    settings = _settings()
+    if args.workers > 1:  # separate processes import the app themselves: settings come from VITQ_*
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # /metrics then sums every process
+            import tempfile
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vitq-metrics-")
+        uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
+                    log_level=args.log_level, workers=args.workers)
+    else:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -370,6 +379,7 @@ def add_service_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("api", help="production API process (settings from VITQ_* variables)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (one per core)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_api)
 
@@ -428,6 +438,10 @@ def add_service_commands(subparsers: argparse._SubParsersAction) -> None:
     _client_args(p)
     p.set_defaults(func=cmd_jobs_download)
     _add_resource_commands(subparsers)
+
+    from vitq.loadtest_cli import add_loadtest_command
+
+    add_loadtest_command(subparsers)
 
 
 def _add_resource_commands(subparsers: argparse._SubParsersAction) -> None:

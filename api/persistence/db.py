@@ -37,7 +37,12 @@ def _make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    from api.persistence.settings import get_settings
+
+    settings = get_settings()  # pool sizes come from VITQ_DB_POOL_SIZE / VITQ_DB_MAX_OVERFLOW
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+    )
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

@@ -28,8 +28,12 @@ class Settings(BaseSettings):
         None, description="Worker scratch space (extracted datasets). Default: `<data_dir>/cache`."
     )
     queue: str = Field("vitq", description="Celery queue the API sends jobs to and workers consume.")
+    db_pool_size: int = Field(10, description="Pooled database connections per process (PostgreSQL).")
+    db_max_overflow: int = Field(10, description="Extra connections a process may open under bursts.")
 
     max_upload_bytes: int = Field(512 * 1024**2, description="Largest accepted upload (bytes).")
+    body_idle_timeout_s: float = Field(30.0, description="A request body pausing this long is refused (408).")
+    body_timeout_s: float = Field(900.0, description="A request body must arrive within this many seconds.")
     max_archive_members: int = Field(200_000, description="Most members an uploaded archive may hold.")
     max_archive_bytes: int = Field(4 * 1024**3, description="Largest uncompressed archive (bytes).")
 
