@@ -40,7 +40,7 @@ class JobCollector(Collector):
                     Job.started_at.is_not(None), Job.finished_at.is_not(None)
                 )
             ).all()
-            started = session.execute(
+            claimed = session.execute(
                 select(Job.created_at, Job.started_at).where(Job.started_at.is_not(None))
             ).all()
         for status in JobStatus:
@@ -51,7 +51,7 @@ class JobCollector(Collector):
             per_status.setdefault(status, []).append(max(0.0, (ended - started).total_seconds()))
         for status, values in sorted(per_status.items()):
             duration.add_metric([status], _buckets(values), sum(values))
-        waits = [max(0.0, (s - c).total_seconds()) for c, s in started]
+        waits = [max(0.0, (s - c).total_seconds()) for c, s in claimed]
         wait.add_metric([], _buckets(waits), sum(waits))
         yield by_status
         yield queue

@@ -22,6 +22,10 @@ METRIC_RE = re.compile(r'^(vitq_queue_depth|vitq_jobs\{status="(\w+)"\}) ([0-9.e
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+def _retrying() -> httpx.HTTPTransport:
+    return httpx.HTTPTransport(retries=3, limits=httpx.Limits(keepalive_expiry=1.0))
+
+
 def scrape(http: httpx.Client) -> dict[str, float]:
     """Queue depth and jobs per status from ``/metrics`` (as a Prometheus server would read them)."""
     text = http.get("/metrics").text
@@ -55,7 +59,10 @@ def max_displacement(jobs: list[dict[str, Any]]) -> int:
 
 def run_drain(url: str, api_key: str, *, jobs: int, timeout_s: float, workers: int) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+    # Short keep-alive on our side: the watch loop idles between scrapes, and uvicorn closes idle
+    # connections after 5 s; a request must never race that close.
+    limits = httpx.Limits(keepalive_expiry=1.0)
+    with httpx.Client(base_url=url, headers=headers, timeout=60, limits=limits, transport=_retrying()) as http:
         t0 = time.monotonic()
         ids: list[str] = []
         for _ in range(jobs):
