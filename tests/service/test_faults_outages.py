@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_redis_restart_loses_no_job_the_reaper_resends_from_the_database(
+    private_redis,  # noqa: F811 - before stack_factory: torn down after the processes that use it
     stack_factory,  # noqa: F811
-    private_redis,  # noqa: F811
 ):
     stack = stack_factory(broker_url=private_redis.url, reaper_interval_s="1", lost_message_after_s="3")
     stack.start_api()
@@ -94,8 +94,8 @@ class Traffic:
 
 
 def test_postgres_restart_is_503_not_500_and_recovers_without_losing_rows(
+    system_postgres,  # noqa: F811 - before stack_factory: running again before the processes stop
     stack_factory,  # noqa: F811
-    system_postgres,  # noqa: F811
 ):
     stack = stack_factory()
     stack.start_api()
