@@ -35,8 +35,8 @@ def builtin_ids() -> frozenset[str]:
 
 @lru_cache(maxsize=32)
 def _builtin_spec(model_id: str) -> Any:
-    """Cached: resolving a built-in spec costs ~5 ms (timm's model registry is sorted on every call),
-    which was a third of ``POST /v1/jobs`` under load. Specs are frozen dataclasses."""
+    """Cached: resolving a built-in re-reads its bundled JSON, once per ``POST /v1/jobs`` otherwise.
+    Specs are frozen dataclasses, so sharing one is safe."""
     return resolve_model_spec(model_id)
 
 
