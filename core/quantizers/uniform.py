@@ -149,16 +149,36 @@ class UniformQuantizer(ActQuantizer):
                 self._host = (math.nan, math.nan, fusable)
             else:
                 self._host = (float(self.scale), float(z), fusable)
+                # 1/s in float32, as the fused kernel computes it, not in float64.
+                self._host_inverse = float(1.0 / self.scale.float())
             self._host_source = (self.scale, self.zero_point, versions)
         return self._host
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s, z, fusable = self._host_view()
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self._quantize_without_grad(x, s, z, fusable)
         if not self.per_channel:
             return fused_fake_quant_per_tensor(x, s, z, self.bits)
         if fusable:
             return fused_fake_quant_per_channel(x, self.scale, self.zero_point, self.bits, self._channel_axis(x))
         return fake_quant(x, self.scale, self.zero_point, self.bits)
+
+    def _quantize_without_grad(self, x: torch.Tensor, s: float, z: float, fusable: bool) -> torch.Tensor:
+        """The fused kernels' arithmetic (``z + round(x·(1/s))``, half to even, 1/s in float32) as
+        in-place tensor ops.
+
+        Evaluation and activation capture need no straight-through mask, and on the CPU PyTorch's
+        fused fake-quant kernel is several times slower than these four passes over the tensor.
+        """
+        top = self.levels - 1
+        if not self.per_channel:
+            inv = self._host_inverse
+            if fusable:  # clamp(round(x/s) + z, 0, top) - z, with an integer z, is clamp(round(x/s), -z, top - z)
+                return torch.mul(x, inv).round_().clamp_(-z, top - z).mul_(s)
+            return torch.mul(x, inv).round_().mul_(s).clamp_(-s * z, s * (top - z))
+        zero = self.zero_point
+        return torch.mul(x, 1.0 / self.scale).round_().clamp_(-zero, top - zero).mul_(self.scale)
 
     def _channel_axis(self, x: torch.Tensor) -> int:
         return x.dim() - 1 if self.scale.dim() == 1 else self.channel_dim % x.dim()

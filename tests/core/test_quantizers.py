@@ -120,6 +120,27 @@ def test_fused_kernel_matches_the_reference_formula_including_non_integer_zero_p
         assert torch.allclose(q(x), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("shape", "channel_dim", "params"),
+    [((64, 50, 96), None, (0.37, 3.0)), ((64, 50, 96), None, (0.37, 2.4)), ((64, 50, 96), -1, None),
+     ((96, 48), 0, None)],
+)
+def test_evaluation_without_grad_is_bit_exact_with_the_fused_training_kernels(shape, channel_dim, params):
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 2
+    x.view(-1)[:512] = torch.arange(512) * 0.185  # exact ties x/s = k + 0.5 for s = 0.37
+    q = UniformQuantizer(3, channel_dim=channel_dim)
+    q.calibrate(x)
+    if params is not None:
+        q.set_params(torch.tensor(params[0]), torch.tensor(params[1]))
+    q.enabled = True
+    with torch.enable_grad():
+        trained = q(x.clone().requires_grad_(True)).detach()
+    with torch.no_grad():
+        evaluated = q(x)
+    assert torch.equal(trained, evaluated)
+
+
 @pytest.mark.parametrize("quantizer", [UniformQuantizer(4), SULQ(4), LogSqrt2Quantizer(4), Log2Quantizer(4)])
 def test_quantizers_pass_gradients_straight_through(quantizer):
     x = torch.softmax(torch.randn(8, 16), -1).requires_grad_(True)
