@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from api.persistence.db import session_scope
 from api.persistence.settings import Settings
@@ -108,8 +109,10 @@ def requeue_lost_messages(
         waiting = session.execute(
             select(Job.id, Job.updated_at).where(Job.status == JobStatus.QUEUED.value, Job.updated_at < cutoff)
         ).all()
-        for job_id, updated_at in waiting:
-            if job_id in pending:
+        lost = {job_id: updated_at for job_id, updated_at in waiting if job_id not in pending}
+        ours = _sent_to_queue(session, list(lost), settings.queue)
+        for job_id, updated_at in lost.items():
+            if job_id not in ours:
                 continue
             taken = session.execute(
                 update(Job)
@@ -127,6 +130,17 @@ def requeue_lost_messages(
     if resent:
         log.warning("reaper: broker had lost %d queued job(s); sent again: %s", len(resent), resent)
     return resent
+
+
+def _sent_to_queue(session: Session, job_ids: list[str], queue: str) -> set[str]:
+    """The jobs the API sent to ``queue`` (its ``created`` event says where). Another queue's jobs (another
+    deployment or GPU pool on the same database) are its own reapers' business."""
+    if not job_ids:
+        return set()
+    rows = session.execute(
+        select(JobEvent.job_id, JobEvent.data).where(JobEvent.job_id.in_(job_ids), JobEvent.kind == "created")
+    ).all()
+    return {job_id for job_id, data in rows if isinstance(data, dict) and data.get("queue") == queue}
 
 
 class Reaper:

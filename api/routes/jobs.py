@@ -83,7 +83,8 @@ def create_job(
         webhook_url=body.webhook_url,
     )
     session.add(job)
-    session.add(JobEvent(job_id=job.id, kind="created", message="job queued"))
+    # The queue is recorded so a reaper re-sends only its own queue's jobs when the broker loses them.
+    session.add(JobEvent(job_id=job.id, kind="created", message="job queued", data={"queue": settings.queue}))
     try:
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won
