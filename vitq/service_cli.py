@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vitq.processes import terminate_process_group
+
 LOCAL_TENANT = "local"
 KEY_FILE = "local-api-key"
 
@@ -96,24 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        _terminate(worker)
+        terminate_process_group(worker)
     return 0
-
-
-def _terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM (Celery warm shutdown), then SIGKILL the whole group. A job cut short is re-queued by
-    the reaper when a worker next runs (its heartbeat stops)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def ensure_local_key(settings: Any) -> tuple[str, bool]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from vitq.processes import terminate_process_group
 
 
 @dataclass
@@ -52,21 +53,6 @@ def _vitq(*args: str) -> list[str]:
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM (uvicorn and Celery shut down warmly), then SIGKILL the whole process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -140,5 +126,5 @@ def running_topology(
         yield topo
     finally:
         for proc in topo.processes.values():
-            _stop(proc)
+            terminate_process_group(proc, grace=15.0)
         _drop_queue(broker_url, queue)

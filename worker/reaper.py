@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -37,42 +37,13 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
             base = update(Job).where(
                 Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale
             )
-            if cancel_requested:
-                values = dict(
-                    status=JobStatus.CANCELLED.value,
-                    error_code=JobErrorCode.CANCELLED.value,
-                    error_message="cancelled (its worker stopped responding)",
-                    finished_at=now,
-                    updated_at=now,
-                )
+            ending = _ending(settings, attempts, cancel_requested, started_at, over_time)
+            if ending is not None:
+                status, code, event, message = ending
+                values = dict(status=status.value, error_code=code.value, error_message=message,
+                              finished_at=now, updated_at=now)
                 if session.execute(base.values(**values)).rowcount:
-                    session.add(JobEvent(job_id=job_id, kind="cancelled", message=values["error_message"]))
-                    failed.append(job_id)
-            elif started_at is not None and started_at < over_time:
-                # Past its time limit and gone: Celery's hard limit killed the process (or it hung).
-                # Running it again would only hit the same limit.
-                message = f"the job ran past the time limit of {settings.job_soft_time_limit_s} s"
-                values = dict(
-                    status=JobStatus.FAILED.value,
-                    error_code=JobErrorCode.TIMEOUT.value,
-                    error_message=message,
-                    finished_at=now,
-                    updated_at=now,
-                )
-                if session.execute(base.values(**values)).rowcount:
-                    session.add(JobEvent(job_id=job_id, kind="failed", message=message))
-                    failed.append(job_id)
-            elif attempts >= settings.max_attempts:
-                message = f"worker lost {attempts} time(s); giving up after {settings.max_attempts} attempts"
-                values = dict(
-                    status=JobStatus.FAILED.value,
-                    error_code=JobErrorCode.WORKER_LOST.value,
-                    error_message=message,
-                    finished_at=now,
-                    updated_at=now,
-                )
-                if session.execute(base.values(**values)).rowcount:
-                    session.add(JobEvent(job_id=job_id, kind="failed", message=message))
+                    session.add(JobEvent(job_id=job_id, kind=event, message=message))
                     failed.append(job_id)
             else:
                 values = dict(status=JobStatus.QUEUED.value, worker=None, updated_at=now)
@@ -91,6 +62,25 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
     if requeued or failed:
         log.warning("reaper: re-queued %s, ended %s", requeued, failed)
     return {"requeued": requeued, "ended": failed}
+
+
+def _ending(
+    settings: Settings, attempts: int, cancel_requested: bool, started_at: datetime | None, over_time: datetime
+) -> tuple[JobStatus, JobErrorCode, str, str] | None:
+    """How a job whose worker is gone ends (status, error code, event kind, message), or None to re-queue it.
+
+    A cancel asked for is honoured; a job past its time limit was killed by Celery's hard limit (or hung),
+    and running it again would only hit the same limit; after ``max_attempts`` lost workers it fails.
+    """
+    if cancel_requested:
+        return JobStatus.CANCELLED, JobErrorCode.CANCELLED, "cancelled", "cancelled (its worker stopped responding)"
+    if started_at is not None and started_at < over_time:
+        message = f"the job ran past the time limit of {settings.job_soft_time_limit_s} s"
+        return JobStatus.FAILED, JobErrorCode.TIMEOUT, "failed", message
+    if attempts >= settings.max_attempts:
+        message = f"worker lost {attempts} time(s); giving up after {settings.max_attempts} attempts"
+        return JobStatus.FAILED, JobErrorCode.WORKER_LOST, "failed", message
+    return None
 
 
 def requeue_lost_messages(
