@@ -122,13 +122,13 @@ def test_fused_kernel_matches_the_reference_formula_including_non_integer_zero_p
 
 @pytest.mark.parametrize(
     ("shape", "channel_dim", "params"),
-    [((64, 50, 96), None, (0.37, 3.0)), ((64, 50, 96), None, (0.37, 2.4)), ((64, 50, 96), -1, None),
+    [((64, 50, 96), None, (0.5, 3.0)), ((64, 50, 96), None, (0.5, 2.4)), ((64, 50, 96), -1, None),
      ((96, 48), 0, None)],
 )
 def test_evaluation_without_grad_is_bit_exact_with_the_fused_training_kernels(shape, channel_dim, params):
     torch.manual_seed(0)
     x = torch.randn(*shape) * 2
-    x.view(-1)[:512] = torch.arange(512) * 0.185  # exact ties x/s = k + 0.5 for s = 0.37
+    x.view(-1)[:512] = (torch.arange(512) - 256) * 0.25  # x/s = k/2: exact ties at s = 0.5, odd z included
     q = UniformQuantizer(3, channel_dim=channel_dim)
     q.calibrate(x)
     if params is not None:
