@@ -54,14 +54,19 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
                         )
                     )
                     requeued.append(job_id)
-    for job_id in requeued:
-        try:
-            enqueue(job_id)
-        except Exception:
-            log.exception("could not re-enqueue %s; the next pass retries", job_id)
+    _send_all(enqueue, requeued)
     if requeued or failed:
         log.warning("reaper: re-queued %s, ended %s", requeued, failed)
     return {"requeued": requeued, "ended": failed}
+
+
+def _send_all(enqueue: Callable[[str], None], job_ids: list[str]) -> None:
+    """Send after the commit; a send that fails leaves the row for a later pass to send again."""
+    for job_id in job_ids:
+        try:
+            enqueue(job_id)
+        except Exception:
+            log.exception("could not re-enqueue %s; a later pass retries", job_id)
 
 
 def _ending(
@@ -112,11 +117,7 @@ def requeue_lost_messages(
             if taken:
                 session.add(JobEvent(job_id=job_id, kind="requeued", message="broker lost its message; sent again"))
                 resent.append(job_id)
-    for job_id in resent:
-        try:
-            enqueue(job_id)
-        except Exception:
-            log.exception("could not re-enqueue %s; a later pass retries", job_id)
+    _send_all(enqueue, resent)
     if resent:
         log.warning("reaper: broker had lost %d queued job(s); sent again: %s", len(resent), resent)
     return resent
