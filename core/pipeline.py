@@ -140,6 +140,7 @@ def run_quantization(
         "reconstruction": qmodel.reconstruction,
         "layers": layers,
         "device": str(dev),
+        "threads": torch.get_num_threads(),
         "versions": library_versions(),
     }
     emit("save")

@@ -67,6 +67,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.main import run_worker
 
+    if args.threads is not None:
+        os.environ["VITQ_TORCH_THREADS"] = str(args.threads)
     return run_worker(_settings(), concurrency=args.concurrency, loglevel=args.log_level.upper())
 
 
@@ -371,6 +373,7 @@ def add_service_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("worker", help="production worker: one process per GPU (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--threads", type=int, help="PyTorch threads per job (default: usable CPUs / concurrency)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_worker)
 

@@ -100,12 +100,16 @@ def running_topology(
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"vitq-load-{run}-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     queue = f"vitq-load-{run}"
+    from worker.cpu_threads import usable_cpus
+
     env = dict(
         os.environ,
         VITQ_DATABASE_URL=database_url,
         VITQ_BROKER_URL=broker_url,
         VITQ_QUEUE=queue,
         VITQ_DATA_DIR=str(data_dir),
+        # N workers on one host share its cores; each assuming all of them is 20x slower (worker/cpu_threads.py)
+        VITQ_TORCH_THREADS=str(max(1, usable_cpus() // max(1, workers))),
         **(extra_env or {}),
     )
     migrations.upgrade(database_url)

@@ -15,6 +15,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from api.persistence.db import dispose_all
 from api.persistence.settings import Settings
 from worker.celery_app import make_celery, send_run_job
+from worker.cpu_threads import apply_thread_budget, threads_per_job
 from worker.reaper import Reaper
 
 log = logging.getLogger("vitq.worker")
@@ -24,6 +25,7 @@ def run_worker(settings: Settings, *, concurrency: int = 1, loglevel: str = "INF
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = make_celery(settings, include_tasks=True)
     reaper = Reaper(settings, lambda job_id: send_run_job(settings, job_id))
+    threads = threads_per_job(settings.torch_threads, concurrency)
 
     @worker_ready.connect(weak=False)
     def _start_reaper(**_: object) -> None:
@@ -36,6 +38,7 @@ def run_worker(settings: Settings, *, concurrency: int = 1, loglevel: str = "INF
     @worker_process_init.connect(weak=False)
     def _fresh_connections(**_: object) -> None:
         dispose_all()  # never share pooled database connections across fork
+        apply_thread_budget(threads)
 
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     hostname = f"vitq-{'gpu' + gpu.replace(',', '-') if gpu else 'cpu'}-{os.getpid()}@{socket.gethostname()}"

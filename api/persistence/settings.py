@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         60.0, description="A queued job the broker holds no message for this long is sent again."
     )
     progress_interval_s: float = Field(1.0, description="Minimum seconds between progress writes.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="PyTorch threads per running job. Default: the CPUs the worker may use (affinity and "
+        "cgroup quota) divided by its --concurrency. Set it to cores / N when N worker processes share a host.",
+    )
 
     webhook_max_retries: int = Field(5, description="Webhook delivery retries (exponential backoff).")
     webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")

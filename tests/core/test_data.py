@@ -39,6 +39,34 @@ def test_fashion_mnist_splits_and_limits():
     assert len(load_dataset("fashion-mnist:test", GRAY28)) == 10000
 
 
+def test_a_fashion_mnist_limit_reads_the_same_first_records_as_the_whole_split():
+    whole = load_dataset("fashion-mnist:test", GRAY28)
+    head = load_dataset("fashion-mnist:test:37", GRAY28)
+    assert np.array_equal(head.array, whole.array[:37]) and np.array_equal(head.labels, whole.labels[:37])
+    # same file, so the same digest; the count tells the two sets apart
+    assert head.fingerprint.split(":")[0] == whole.fingerprint.split(":")[0]
+    assert head.fingerprint.endswith(":37") and whole.fingerprint.endswith(":10000")
+    assert len(load_dataset("fashion-mnist:test:20000", GRAY28)) == 10000  # a limit past the end is the split
+
+
+def test_a_truncated_idx_file_is_a_clear_dataset_error(tmp_path, monkeypatch):
+    import gzip
+    import shutil
+
+    from core.data import FASHION_MNIST_DIR
+
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(f"{FASHION_MNIST_DIR}/{name}", tmp_path / name)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "rb") as f:
+        cut = f.read(16 + 784 * 5)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(cut)  # header says 10,000 images, 5 are there
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    assert len(load_dataset("fashion-mnist:test:5", GRAY28)) == 5
+    with pytest.raises(DatasetError, match="truncated"):
+        load_dataset("fashion-mnist:test:6", GRAY28)
+
+
 @pytest.mark.parametrize(
     "bad", ["fashion-mnist", "fashion-mnist:val", "fashion-mnist:train:0", "fashion-mnist:train:x"]
 )

@@ -5,6 +5,7 @@ Each test asserts the job's final state and that nothing ran twice or went missi
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_worker_killed_in_stage1_is_rerun_then_failed_at_the_attempt_limit(stack
 
 
 def test_two_workers_and_a_twice_delivered_message_run_the_job_once(stack_factory):  # noqa: F811
-    stack = stack_factory()
+    stack = stack_factory(torch_threads="1")  # two workers on one host: one core each
     stack.start_api()
     first = stack.start_worker("worker1")
     second = stack.start_worker("worker2")
@@ -75,6 +76,8 @@ def test_two_workers_and_a_twice_delivered_message_run_the_job_once(stack_factor
     assert kinds.count("started") == 1 and kinds.count("succeeded") == 1
     assert stack.outputs(job) == (3, 1)
     assert first.poll() is None and second.poll() is None
+    report = client.download_artifact(job, "report.json", stack.data_dir / "report.json")
+    assert json.loads(report.read_text())["threads"] == 1  # the pool child took its share, not every core
 
 
 def test_time_limit_fails_the_job_frees_memory_and_the_worker_takes_the_next(stack_factory):  # noqa: F811
