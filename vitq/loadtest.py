@@ -50,6 +50,8 @@ class LoadConfig:
     keys: int = 20
     think_s: float = 1.0
     timeout_s: float = 30.0
+    ramp_up_s: float = 0.0
+    """Clients start evenly over this many seconds (locust's spawn rate); 0 starts all of them at once."""
 
 
 @dataclass
@@ -82,8 +84,8 @@ async def _client(i: int, url: str, headers: dict[str, str], cfg: LoadConfig, pr
     mine: list[str] = []
     end = t0 + cfg.duration_s
     conn = Connection(url, headers, cfg.timeout_s)
-    if cfg.think_s:
-        await asyncio.sleep(rng.uniform(0, cfg.think_s))  # spread the first requests out
+    # Client i starts at its slot of the ramp, then within one think time (spreads the first submits).
+    await asyncio.sleep(cfg.ramp_up_s * i / max(1, cfg.clients) + (rng.uniform(0, cfg.think_s) if cfg.think_s else 0))
     try:
         while time.monotonic() < end:
             submit = not mine or rng.random() < cfg.submit_fraction
@@ -160,7 +162,7 @@ async def run_load(url: str, api_key: str, cfg: LoadConfig) -> dict[str, Any]:
 
 def build_report(cfg: LoadConfig, rec: Recorder, wall: float, created: list[str], url: str) -> dict[str, Any]:
     endpoints: dict[str, Any] = {}
-    warmup = min(5.0, cfg.duration_s / 4)
+    warmup = max(cfg.ramp_up_s, min(5.0, cfg.duration_s / 4))
     for name in ("submit", "poll"):
         samples = rec.latencies.get(name, [])
         values = [s for _, s in samples]

@@ -61,6 +61,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             submit_fraction=args.submit_fraction,
             keys=args.keys,
             think_s=args.think,
+            ramp_up_s=args.ramp_up,
         )
         report = _run_async(run_load(url, key, config))
         report["topology"] = (
@@ -93,6 +94,8 @@ def add_loadtest_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--duration", type=float, default=60.0, help="seconds")
     p.add_argument("--think", type=float, default=1.0, help="mean seconds a client waits between requests")
+    p.add_argument("--ramp-up", type=float, default=0.0,
+                   help="start the clients evenly over this many seconds (default 0: all at once)")
     p.add_argument("--submit-fraction", type=float, default=0.1, help="share of requests that are submits")
     p.add_argument("--keys", type=int, default=20, help="distinct Idempotency-Keys (the rest are repeats)")
     p.add_argument("--drain-jobs", type=int, default=0, help="instead: queue this many jobs and time the drain")

@@ -27,18 +27,31 @@ def test_report_fails_on_duplicated_jobs_and_server_errors():
     assert report["checks"]["server_errors_5xx"] == 1
 
 
+def test_steady_state_latency_starts_after_the_ramp_up():
+    from vitq.loadtest import Recorder
+
+    rec = Recorder()
+    rec.add("submit", 202, 3.0, 0.9)  # during the 10 s ramp
+    rec.add("submit", 202, 12.0, 0.02)
+    rec.ids_by_key["k"].add("job_1")
+    report = build_report(LoadConfig(clients=2, duration_s=60, ramp_up_s=10), rec, 60.0, ["job_1"], "http://x")
+    submit = report["endpoints"]["submit"]
+    assert submit["p99_ms"] == 900.0 and submit["steady_p99_ms"] == 20.0
+    assert report["config"]["ramp_up_s"] == 10 and report["ok"]
+
+
 def test_loadtest_command_runs_both_modes_on_the_real_topology(migrated_pg, redis_url, tmp_path):
     import subprocess
 
     common = ["--database-url", migrated_pg, "--broker-url", redis_url, "--api-workers", "2"]
     mixed = subprocess.run(
         vitq_command("loadtest", *common, "--workers", "0", "--clients", "5", "--duration", "3",
-                     "--think", "0.2", "--keys", "3", "--json", str(tmp_path / "mixed.json")),
+                     "--think", "0.2", "--keys", "3", "--ramp-up", "1", "--json", str(tmp_path / "mixed.json")),
         capture_output=True, text=True, timeout=180,
     )
     assert mixed.returncode == 0, mixed.stdout + mixed.stderr
     report = json.loads((tmp_path / "mixed.json").read_text())
-    assert report["ok"] and report["checks"]["one_job_per_key"]
+    assert report["ok"] and report["checks"]["one_job_per_key"] and report["config"]["ramp_up_s"] == 1
     assert report["endpoints"]["poll"]["requests"] > 0 and "GET /v1/jobs/{id}" in mixed.stdout
     drain = subprocess.run(
         vitq_command("loadtest", *common, "--workers", "1", "--drain-jobs", "2", "--drain-timeout", "150",
