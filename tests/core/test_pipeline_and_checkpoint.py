@@ -132,8 +132,12 @@ def test_cli_quantize_on_an_unseen_swin_given_as_spec_json_and_safetensors(tmp_p
     assert report["model"]["timm_name"] == "swin_tiny_patch4_window7_224"
     assert any(r["unit"] == "layers.1.downsample" for r in report["reconstruction"])
     reloaded = load(out / "checkpoint.safetensors")
-    data = load_dataset("fashion-mnist:test:32", Preprocess(
-        mean=(0.286,), std=(0.353,), input_size=(1, 56, 56)))
+    # evaluated as the job was: with the preprocessing the checkpoint records (timm's Swin default
+    # crop_pct 0.9), which a user reproducing the report's figure must use too
+    recorded = read_checkpoint_metadata(out / "checkpoint.safetensors")["model"]["preprocess"]
+    assert recorded["input_size"] == [1, 56, 56] and recorded["crop_pct"] == 0.9
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
+    data = load_dataset("fashion-mnist:test:32", pre)
     assert evaluate(reloaded, data)["top1"] == report["quant"]["top1"]
 
 
