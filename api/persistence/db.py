@@ -41,8 +41,31 @@ def _make_engine(url: str) -> Engine:
 
     settings = get_settings()  # pool sizes come from VITQ_DB_POOL_SIZE / VITQ_DB_MAX_OVERFLOW
     return create_engine(
-        url, pool_pre_ping=True, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+        url,
+        pool_pre_ping=True,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        connect_args=postgres_socket_limits(settings.db_connect_timeout_s),
     )
+
+
+def postgres_socket_limits(connect_timeout_s: int) -> dict[str, int]:
+    """libpq options that bound how long a dead or silent database can hold a request or a job.
+
+    Why: a restarted server refuses connections at once, but one behind a lost network path or a hung
+    host drops packets or never answers; without these, opening a connection waits for ever (libpq's
+    default) and a pooled connection to a vanished host is noticed only when TCP gives up (15 min or
+    more), while the threadpool fills with blocked requests. Keepalives find a dead peer of an idle
+    pooled connection within about a minute; ``tcp_user_timeout`` fails a write that goes unacknowledged.
+    """
+    return {
+        "connect_timeout": connect_timeout_s,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    }
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

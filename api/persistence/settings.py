@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     queue: str = Field("vitq", description="Celery queue the API sends jobs to and workers consume.")
     db_pool_size: int = Field(10, description="Pooled database connections per process (PostgreSQL).")
     db_max_overflow: int = Field(10, description="Extra connections a process may open under bursts.")
+    db_connect_timeout_s: int = Field(
+        5, ge=1, description="Give up opening a PostgreSQL connection after this long (the request gets 503)."
+    )
 
     max_upload_bytes: int = Field(512 * 1024**2, description="Largest accepted upload (bytes).")
     body_idle_timeout_s: float = Field(30.0, description="A request body pausing this long is refused (408).")

@@ -5,8 +5,10 @@ while jobs are queued and one is running, and PostgreSQL restarted under API tra
 from __future__ import annotations
 
 import secrets
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -157,3 +159,41 @@ def test_postgres_restart_is_503_not_500_and_recovers_without_losing_rows(
     for extra in listed:  # the traffic's jobs need not run
         if extra["id"] != job and extra["status"] == "queued":
             client.cancel_job(extra["id"])
+
+
+@pytest.fixture
+def silent_database(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[str]:
+    """A PostgreSQL URL whose host takes the TCP connection and then never answers, as a hung host or a
+    lost network path does (a restarted server, above, refuses at once instead)."""
+    from api.persistence.db import dispose_all
+    from api.persistence.settings import get_settings
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # the kernel completes handshakes; nobody ever reads or writes
+    monkeypatch.setenv("VITQ_DB_CONNECT_TIMEOUT_S", "2")
+    get_settings.cache_clear()
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{listener.getsockname()[1]}/vitq"
+    finally:
+        listener.close()
+        dispose_all()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_a_silent_database_costs_a_request_the_connect_timeout_and_gets_503(silent_database, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    settings = Settings(data_dir=tmp_path, database_url=silent_database, queue=f"vitq-{secrets.token_hex(3)}")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        for path in ("/v1/jobs", "/readyz"):
+            started = time.monotonic()
+            response = client.get(path, headers=auth("vitq_" + "x" * 43))
+            elapsed = time.monotonic() - started
+            assert response.status_code == 503, (path, response.status_code, response.text)
+            assert 1.5 < elapsed < 10, (path, elapsed)  # bounded by VITQ_DB_CONNECT_TIMEOUT_S=2, not minutes
+        assert response.json()["checks"]["database"].startswith("unreachable")
+        assert client.get("/healthz").status_code == 200
