@@ -28,6 +28,13 @@ def _settings():  # noqa: ANN202 - imported lazily so `vitq quantize` does not p
     return get_settings()
 
 
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _set_data_dir(path: str | None) -> None:
     if path:
         os.environ["VITQ_DATA_DIR"] = str(Path(path).resolve())
@@ -372,8 +379,8 @@ def add_service_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_api)
 
     p = subparsers.add_parser("worker", help="production worker: one process per GPU (CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--threads", type=int, help="PyTorch threads per job (default: usable CPUs / concurrency)")
+    p.add_argument("--concurrency", type=_at_least_one, default=1)
+    p.add_argument("--threads", type=_at_least_one, help="PyTorch threads per job (default: usable CPUs / concurrency)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_worker)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from vitq.processes import terminate_process_group
+from worker.cpu_threads import usable_cpus
 
 
 @dataclass
@@ -100,8 +101,6 @@ def running_topology(
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"vitq-load-{run}-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     queue = f"vitq-load-{run}"
-    from worker.cpu_threads import usable_cpus
-
     env = dict(
         os.environ,
         VITQ_DATABASE_URL=database_url,
