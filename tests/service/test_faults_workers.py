@@ -6,7 +6,9 @@ Each test asserts the job's final state and that nothing ran twice or went missi
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from tests.service.fault_stack import FAST_JOB, FOREVER_JOB, isvit_job, stack_factory  # noqa: F401
 from tests.service.helpers import wait_for
+from vitq.loadtest import SMOKE_JOB
 from worker.celery_app import RUN_JOB, celery_for
 
 pytestmark = pytest.mark.slow
@@ -104,6 +107,39 @@ def test_time_limit_fails_the_job_frees_memory_and_the_worker_takes_the_next(sta
     assert stack.outputs(slow) == (0, 0) and stack.outputs(nxt) == (3, 1)
     print(f"pool child RSS: {peak:.0f} MB at most while running, {after:.0f} MB after the timeout")
     assert after < peak, (peak, after)
+
+
+def test_hard_time_limit_kills_a_frozen_pool_process_the_reaper_fails_the_job_and_the_worker_goes_on(
+    stack_factory,  # noqa: F811
+):
+    """A job stuck where the soft limit's exception cannot reach it (here: the pool process frozen with
+    SIGSTOP, as in uninterruptible I/O or a hung driver call) is SIGKILLed by Celery's hard limit, so it
+    cannot record its own end. The reaper must fail it with ``timeout``, not run it again into the same
+    limit, and the worker must go on with a fresh pool process."""
+    stack = stack_factory(job_soft_time_limit_s="10", job_time_limit_s="15", stale_after_s="20",
+                          reaper_interval_s="1")
+    stack.start_api()
+    worker = stack.start_worker()
+    client = stack.client()
+    stuck = client.submit_job(**FOREVER_JOB)["id"]
+    wait_for(lambda: stack.row(stuck).worker is not None, timeout=60, what="the job claimed")
+    frozen = stack.row(stuck).worker  # frozen as soon as claimed: well inside the 10 s soft limit
+    os.kill(int(frozen.split(":")[1].split("/")[0]), signal.SIGSTOP)
+
+    failed = stack.wait_finished(stuck, timeout=90)
+    assert failed.status == "failed" and failed.error_code == "timeout", (failed.status, failed.error_message)
+    assert failed.error_message == "the job ran past the time limit of 10 s" and failed.attempts == 1
+    assert stack.outputs(stuck) == (0, 0)
+    log = _log(stack.log("worker"))
+    assert "Hard time limit (15s) exceeded" in log and "signal 9 (SIGKILL)" in log, log[-3000:]
+    kinds = [kind for kind, _ in stack.events(stuck)]
+    assert kinds.count("started") == 1 and "requeued" not in kinds  # not run again into the same limit
+
+    nxt = client.submit_job(**SMOKE_JOB)["id"]
+    done = stack.wait_finished(nxt, timeout=60)
+    assert done.status == "succeeded", done.error_message
+    assert done.worker != frozen and worker.poll() is None  # a new pool process of the same worker
+    print(f"hard limit: pool process {frozen} killed; the next job ran in {done.worker}")
 
 
 def _settings(stack):  # noqa: ANN001, ANN202
