@@ -25,6 +25,9 @@ LISTING_INTERVAL_S = 20.0
 
 
 def _retrying() -> httpx.HTTPTransport:
+    # Short keep-alive on our side: the watch loop idles between scrapes, and uvicorn closes idle
+    # connections after 5 s; a request must never race that close. (A transport's own limits are the
+    # ones that apply: httpx ignores the client's when a transport is given.)
     return httpx.HTTPTransport(retries=3, limits=httpx.Limits(keepalive_expiry=1.0))
 
 
@@ -61,10 +64,7 @@ def max_displacement(jobs: list[dict[str, Any]]) -> int:
 
 def run_drain(url: str, api_key: str, *, jobs: int, timeout_s: float, workers: int) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"}
-    # Short keep-alive on our side: the watch loop idles between scrapes, and uvicorn closes idle
-    # connections after 5 s; a request must never race that close.
-    limits = httpx.Limits(keepalive_expiry=1.0)
-    with httpx.Client(base_url=url, headers=headers, timeout=60, limits=limits, transport=_retrying()) as http:
+    with httpx.Client(base_url=url, headers=headers, timeout=60, transport=_retrying()) as http:
         t0 = time.monotonic()
         ids: list[str] = []
         for _ in range(jobs):
@@ -94,7 +94,8 @@ def run_drain(url: str, api_key: str, *, jobs: int, timeout_s: float, workers: i
                 break
             time.sleep(SCRAPE_INTERVAL_S)
         drain_s = time.monotonic() - t0 - submit_s
-        rows = _all_jobs(http, set(ids))
+        if finished_seen != jobs:  # stopped by the deadline: the last listing may be 20 s old
+            rows = _all_jobs(http, set(ids))
     statuses = Counter(j["status"] for j in rows)
     durations = [_seconds(j["started_at"], j["finished_at"]) for j in rows if j.get("finished_at") and j["started_at"]]
     waits = [_seconds(j["created_at"], j["started_at"]) for j in rows if j.get("started_at")]

@@ -162,7 +162,7 @@ def test_postgres_restart_is_503_not_500_and_recovers_without_losing_rows(
 
 
 @pytest.fixture
-def silent_database(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[str]:
+def silent_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A PostgreSQL URL whose host takes the TCP connection and then never answers, as a hung host or a
     lost network path does (a restarted server, above, refuses at once instead)."""
     from api.persistence.db import dispose_all
