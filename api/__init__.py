@@ -1,1 +1,1 @@
-"""vitq REST API (FastAPI). ``api.persistence`` is shared with the worker and imports no web code."""
+"""vitq REST API (FastAPI). What it shares with the worker lives in ``service``; it never imports ``worker``."""

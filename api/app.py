@@ -6,10 +6,10 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.metrics import LatencyMiddleware, make_registry
-from api.persistence.settings import Settings, get_settings
 from api.request_body import RequestBodyGuard
 from api.routes import artifacts, datasets, health, jobs, models, results
 from api.uploads import sweep_orphaned_scratch
+from service.settings import Settings, get_settings
 
 DESCRIPTION = """Quantization-as-a-service for Vision Transformers (I&S-ViT post-training quantization).
 

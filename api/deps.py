@@ -10,11 +10,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from api.persistence.db import session_factory
-from api.persistence.keys import authenticate
-from api.persistence.settings import Settings
-from api.persistence.storage import ArtifactStore, get_store
-from api.persistence.tables import Tenant
+from service.db import session_factory
+from service.keys import authenticate
+from service.settings import Settings
+from service.storage import ArtifactStore, get_store
+from service.tables import Tenant
 
 # The cheap dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the
 # threadpool, and each such hop cost more CPU than the work itself (profiled under `vitq loadtest`).

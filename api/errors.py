@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.persistence.storage import StorageError
 from core.errors import VitqError
+from service.storage import StorageError
 
 log = logging.getLogger("vitq.api")
 RETRY_AFTER_S = "5"

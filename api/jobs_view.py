@@ -6,8 +6,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import not_found
-from api.persistence.tables import Job, JobEvent
 from api.schemas import JobPublic, WebhookDelivery, WebhookPublic
+from service.tables import Job, JobEvent
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:

@@ -15,8 +15,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, case, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.persistence.db import session_factory
-from api.persistence.tables import Job, JobStatus
+from service.db import session_factory
+from service.tables import Job, JobStatus
 
 DURATION_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from api.persistence.settings import get_settings
-from api.persistence.tables import Base
+from service.settings import get_settings
+from service.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -22,7 +22,7 @@ KEY_FILE = "local-api-key"
 
 
 def _settings():  # noqa: ANN202 - imported lazily so `vitq quantize` does not pay for service imports
-    from api.persistence.settings import get_settings
+    from service.settings import get_settings
 
     get_settings.cache_clear()
     return get_settings()
@@ -113,8 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def ensure_local_key(settings: Any) -> tuple[str, bool]:
     """The embedded default's key: reuse ``<data_dir>/local-api-key`` while it works, else make one."""
-    from api.persistence.db import session_scope
-    from api.persistence.keys import authenticate, create_key
+    from service.db import session_scope
+    from service.keys import authenticate, create_key
 
     path = settings.data_dir / KEY_FILE
     with session_scope(settings.resolved_database_url) as session:
@@ -140,8 +140,8 @@ def _redact(url: str) -> str:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     import migrations
-    from api.persistence.db import session_scope
-    from api.persistence.keys import create_key
+    from service.db import session_scope
+    from service.keys import create_key
 
     settings = _settings()
     if settings.database_url is None:  # embedded default: make sure the SQLite schema exists
@@ -171,8 +171,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from api.persistence.db import session_scope
-    from api.persistence.keys import revoke_key
+    from service.db import session_scope
+    from service.keys import revoke_key
 
     settings = _settings()
     with session_scope(settings.resolved_database_url) as session:

@@ -94,8 +94,8 @@ def running_topology(
 ) -> Iterator[Topology]:
     """Migrate, make a key for a fresh tenant, start the API and ``workers`` workers; stop them after."""
     import migrations
-    from api.persistence.db import session_scope
-    from api.persistence.keys import create_key
+    from service.db import session_scope
+    from service.keys import create_key
 
     run = secrets.token_hex(4)
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"vitq-load-{run}-"))

@@ -12,8 +12,8 @@ import base64
 import json
 from collections.abc import Iterable
 
-from api.persistence.settings import Settings
-from worker.celery_app import RUN_JOB
+from service.queue import RUN_JOB
+from service.settings import Settings
 
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)

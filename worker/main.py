@@ -12,9 +12,9 @@ import socket
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from api.persistence.db import dispose_all
-from api.persistence.settings import Settings
-from worker.celery_app import make_celery, send_run_job
+from service.db import dispose_all
+from service.queue import make_celery, send_run_job
+from service.settings import Settings
 from worker.cpu_threads import apply_thread_budget, threads_per_job
 from worker.reaper import Reaper
 

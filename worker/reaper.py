@@ -12,9 +12,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.persistence.db import session_scope
-from api.persistence.settings import Settings
-from api.persistence.tables import Job, JobErrorCode, JobEvent, JobStatus, utcnow
+from service.db import session_scope
+from service.settings import Settings
+from service.tables import Job, JobErrorCode, JobEvent, JobStatus, utcnow
 from worker.broker_inventory import pending_job_ids
 
 log = logging.getLogger("vitq.worker")

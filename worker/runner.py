@@ -22,13 +22,13 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from api.archives import Limits
-from api.job_inputs import data_path, spec_from_stored
-from api.persistence.db import session_scope
-from api.persistence.settings import Settings
-from api.persistence.storage import StorageError, get_store
-from api.persistence.tables import Artifact, Job, JobErrorCode, JobEvent, JobStatus, Report, utcnow
 from core import CancelledError, QuantConfig, VitqError, run_quantization
+from service.archives import Limits
+from service.db import session_scope
+from service.job_inputs import data_path, spec_from_stored
+from service.settings import Settings
+from service.storage import StorageError, get_store
+from service.tables import Artifact, Job, JobErrorCode, JobEvent, JobStatus, Report, utcnow
 from worker.memory import release_memory
 from worker.report_html import render_report_html
 

@@ -7,8 +7,8 @@ import logging
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from api.persistence.settings import get_settings
-from worker.celery_app import DELIVER_WEBHOOK, RUN_JOB, send_webhook
+from service.queue import DELIVER_WEBHOOK, RUN_JOB, send_webhook
+from service.settings import get_settings
 from worker.runner import run_job as run_job_now
 from worker.webhooks import WebhookDeliveryError, deliver_once
 
@@ -25,8 +25,8 @@ def run_job(job_id: str) -> str | None:
 
 
 def _maybe_webhook(job_id: str) -> None:
-    from api.persistence.db import session_scope
-    from api.persistence.tables import Job
+    from service.db import session_scope
+    from service.tables import Job
 
     settings = get_settings()
     with session_scope(settings.resolved_database_url) as session:

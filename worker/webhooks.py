@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from api.persistence.db import session_scope
-from api.persistence.settings import Settings
-from api.persistence.tables import Job, JobEvent, JobStatus, Tenant
+from service.db import session_scope
+from service.settings import Settings
+from service.tables import Job, JobEvent, JobStatus, Tenant
 
 
 class WebhookDeliveryError(Exception):

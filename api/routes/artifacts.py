@@ -12,8 +12,8 @@ from sqlalchemy import select
 from api.deps import SessionDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
 from api.jobs_view import get_job
-from api.persistence.tables import Artifact
 from api.schemas import ArtifactPublic, ArtifactsPublic
+from service.tables import Artifact
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
 

@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, File, Response, UploadFile
 from sqlalchemy import func, select
 
-from api.archives import ArchiveError, Limits, check_images, check_npz, detect_format, extract
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
-from api.persistence.tables import FINISHED_STATUSES, Dataset, Job, Model, new_id
 from api.schemas import DatasetPublic, DatasetsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
 from core import DatasetError, inspect_dataset
+from service.archives import ArchiveError, Limits, check_images, check_npz, detect_format, extract
+from service.tables import FINISHED_STATUSES, Dataset, Job, Model, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

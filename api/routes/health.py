@@ -10,9 +10,9 @@ from kombu import Connection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import SettingsDep, TenantDep
-from api.persistence.db import ping
-from api.persistence.settings import Settings
 from api.schemas import TenantPublic
+from service.db import ping
+from service.settings import Settings
 
 router = APIRouter(tags=["health"])
 

@@ -13,12 +13,12 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
-from api.job_inputs import check_data_fits, describe_data, resolve_model
 from api.jobs_view import get_job, job_public
-from api.persistence.tables import Job, JobErrorCode, JobEvent, JobStatus, new_id, utcnow
 from api.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from core import QuantConfig
-from worker.celery_app import send_run_job, send_webhook
+from service.job_inputs import check_data_fits, describe_data, resolve_model
+from service.queue import send_run_job, send_webhook
+from service.tables import Job, JobErrorCode, JobEvent, JobStatus, new_id, utcnow
 
 log = logging.getLogger("vitq.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
-from api.persistence.tables import Model, new_id
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
 from core import ModelSpecError, build_model, list_builtin_models, resolve_model_spec
+from service.tables import Model, new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 NOTE = (

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from api.deps import SessionDep, TenantDep
-from api.persistence.tables import Report
 from api.schemas import ResultPublic, ResultsPublic
+from service.tables import Report
 
 router = APIRouter(prefix="/v1/results", tags=["results"])
 

@@ -20,9 +20,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from api.persistence.db import dispose_all, session_scope
-from api.persistence.keys import create_key
-from api.persistence.settings import Settings
+from service.db import dispose_all, session_scope
+from service.keys import create_key
+from service.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("VITQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VITQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")

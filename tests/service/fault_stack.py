@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from api.persistence.db import session_scope
-from api.persistence.keys import create_key
-from api.persistence.tables import Artifact, Job, JobEvent, Report
+from service.db import session_scope
+from service.keys import create_key
+from service.tables import Artifact, Job, JobEvent, Report
 from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
 from tests.service.helpers import wait_for
 from vitq.client import Client

@@ -204,8 +204,8 @@ def test_metrics(service):
 
 
 def test_revoked_key(service):
-    from api.persistence.db import session_scope
-    from api.persistence.keys import create_key, revoke_key
+    from service.db import session_scope
+    from service.keys import create_key, revoke_key
 
     with session_scope(service.settings.resolved_database_url) as session:
         key = create_key(session, tenant_name="revocable").key

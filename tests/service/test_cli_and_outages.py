@@ -9,8 +9,8 @@ import subprocess
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.persistence.db import session_scope
-from api.persistence.keys import authenticate
+from service.db import session_scope
+from service.keys import authenticate
 from tests.service.conftest import make_settings, vitq_command
 from tests.service.factories import auth
 
@@ -36,7 +36,7 @@ def test_keys_create_and_revoke(tmp_path):
     url = f"sqlite:///{tmp_path / 'vitq.db'}"
     with session_scope(url) as session:
         assert authenticate(session, key=new["key"]).name == "ops"
-        from api.persistence.tables import ApiKey
+        from service.tables import ApiKey
 
         stored = session.get(ApiKey, new["key_id"])
         assert stored.key_hash != new["key"] and new["key"] not in stored.key_hash  # hashed at rest

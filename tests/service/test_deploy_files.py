@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.persistence.settings import Settings
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

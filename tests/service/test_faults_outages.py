@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from api.persistence.settings import Settings
+from service.settings import Settings
 from tests.service.factories import auth
 from tests.service.fault_stack import FAST_JOB, isvit_job, stack_factory  # noqa: F401
 from tests.service.helpers import wait_for
@@ -165,8 +165,8 @@ def test_postgres_restart_is_503_not_500_and_recovers_without_losing_rows(
 def silent_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A PostgreSQL URL whose host takes the TCP connection and then never answers, as a hung host or a
     lost network path does (a restarted server, above, refuses at once instead)."""
-    from api.persistence.db import dispose_all
-    from api.persistence.settings import get_settings
+    from service.db import dispose_all
+    from service.settings import get_settings
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

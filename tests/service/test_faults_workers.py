@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from service.queue import RUN_JOB, celery_for
 from tests.service.fault_stack import FAST_JOB, FOREVER_JOB, isvit_job, stack_factory  # noqa: F401
 from tests.service.helpers import wait_for
 from vitq.loadtest import SMOKE_JOB
-from worker.celery_app import RUN_JOB, celery_for
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +143,7 @@ def test_hard_time_limit_kills_a_frozen_pool_process_the_reaper_fails_the_job_an
 
 
 def _settings(stack):  # noqa: ANN001, ANN202
-    from api.persistence.settings import Settings
+    from service.settings import Settings
 
     return Settings(
         data_dir=stack.data_dir,
@@ -176,8 +176,8 @@ def test_reaper_fails_a_job_killed_by_the_hard_time_limit_as_timeout(service):
 
     from sqlalchemy import update
 
-    from api.persistence.db import session_scope
-    from api.persistence.tables import Job, utcnow
+    from service.db import session_scope
+    from service.tables import Job, utcnow
     from tests.service.factories import auth
     from worker.reaper import reap_stale_jobs
     from worker.runner import claim

@@ -12,9 +12,9 @@ from prometheus_client.core import HistogramMetricFamily
 from sqlalchemy import select
 
 from api.metrics import DURATION_BUCKETS, JobCollector
-from api.persistence.db import session_scope
-from api.persistence.keys import create_key
-from api.persistence.tables import Job, utcnow
+from service.db import session_scope
+from service.keys import create_key
+from service.tables import Job, utcnow
 
 RUN_SECONDS = [0.1, 0.5, 3.0, 61.0, 100.0, 5000.0, 20000.0, -2.0]
 """Spread over the buckets, past the last bound, and one negative (a worker clock behind the API's)."""

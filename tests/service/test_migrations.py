@@ -10,7 +10,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
 import migrations
-from api.persistence.tables import Base
+from service.tables import Base
 from tests.service.conftest import PG_ADMIN_URL
 
 

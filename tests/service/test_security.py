@@ -21,9 +21,9 @@ import httpx
 import numpy as np
 import pytest
 
-from api.persistence.db import session_scope
-from api.persistence.storage import get_store
-from api.persistence.tables import ApiKey, Artifact
+from service.db import session_scope
+from service.storage import get_store
+from service.tables import ApiKey, Artifact
 from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
 from vitq.loadtest import SMOKE_JOB
@@ -269,7 +269,7 @@ def test_api_keys_never_appear_in_the_service_log(api_process):
 
 
 def test_keys_are_stored_hashed_and_compared_in_constant_time(service):
-    from api.persistence.keys import authenticate
+    from service.keys import authenticate
 
     source = inspect.getsource(authenticate)
     assert "compare_digest" in source and "key_hash ==" in source

@@ -11,12 +11,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from api.archives import Limits
-from api.job_inputs import data_path, spec_from_stored
-from api.persistence.db import session_scope
-from api.persistence.storage import get_store
-from api.persistence.tables import Job, JobEvent, utcnow
 from core import CancelledError
+from service.archives import Limits
+from service.db import session_scope
+from service.job_inputs import data_path, spec_from_stored
+from service.storage import get_store
+from service.tables import Job, JobEvent, utcnow
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_imagefolder_zip, write_npz
 from worker.reaper import reap_stale_jobs
 from worker.report_html import render_report_html

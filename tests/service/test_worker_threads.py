@@ -41,7 +41,7 @@ def test_each_pool_child_gets_an_equal_share_unless_configured(configured, concu
 def test_the_setting_refuses_zero_threads(monkeypatch):
     from pydantic import ValidationError
 
-    from api.persistence.settings import Settings
+    from service.settings import Settings
 
     monkeypatch.setenv("VITQ_TORCH_THREADS", "0")
     with pytest.raises(ValidationError, match="torch_threads"):

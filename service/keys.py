@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.persistence.tables import ApiKey, Tenant, new_id, utcnow
+from service.tables import ApiKey, Tenant, new_id, utcnow
 
 KEY_PREFIX = "vitq_"
 

@@ -1,12 +1,13 @@
-"""The Celery application, built from settings. Importing this module imports no task code (no torch),
-so the API can send tasks by name with it.
+"""The queue contract: the task names, the Celery application built from settings, and the send
+functions. Importing this module imports no task code (no torch), so the API sends tasks by name
+with it; the worker builds its app here with ``include_tasks=True``.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from api.persistence.settings import Settings
+from service.settings import Settings
 
 RUN_JOB = "vitq.run_job"
 DELIVER_WEBHOOK = "vitq.deliver_webhook"

@@ -37,7 +37,7 @@ def _make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    from api.persistence.settings import get_settings
+    from service.settings import get_settings
 
     settings = get_settings()  # pool sizes come from VITQ_DB_POOL_SIZE / VITQ_DB_MAX_OVERFLOW
     return create_engine(

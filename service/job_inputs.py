@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.archives import Limits, materialize_dataset
-from api.persistence.storage import ArtifactStore
-from api.persistence.tables import Dataset, Model
 from core import DatasetError, ModelSpecError, list_builtin_models, resolve_model_spec
+from service.archives import Limits, materialize_dataset
+from service.storage import ArtifactStore
+from service.tables import Dataset, Model
 
 FMNIST_RE = re.compile(r"^fashion-mnist:(train|test)(?::([0-9]{1,6}))?$")
 FMNIST_SIZES = {"train": 60_000, "test": 10_000}

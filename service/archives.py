@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from api.persistence.storage import ArtifactStore
 from core.archive import ArchiveLimits, check_tar_members, check_zip_members, safe_extract
 from core.errors import DatasetError
+from service.storage import ArtifactStore
 
 FORMATS = ("npz", "zip", "tar")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
