@@ -42,7 +42,9 @@ class JobCreate(BaseModel):
     w_bits: Bits
     a_bits: Bits
     method: Literal["isvit", "repq", "ptq-uniform"] = "isvit"
-    preset: Literal["paper", "quick", "smoke"] = "quick"
+    preset: Literal["auto", "paper", "quick", "smoke"] = Field(
+        "auto", description="`auto`: `paper` on a GPU worker, `quick` on a CPU one; the report says which ran."
+    )
     calibration: str = Field(min_length=1, max_length=300, description="Calibration data: " + DATA_REF_DOC)
     evaluation: str | None = Field(
         None, min_length=1, max_length=300, description="Evaluation data (optional): " + DATA_REF_DOC

@@ -9,9 +9,10 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service import lifecycle
 from service.db import session_scope
 from service.settings import Settings
 from service.tables import Job, JobErrorCode, JobEvent, JobStatus, utcnow
@@ -34,26 +35,22 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
         ).all()
         over_time = now - timedelta(seconds=settings.job_soft_time_limit_s)
         for job_id, attempts, cancel_requested, started_at in candidates:
-            base = update(Job).where(
-                Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale
-            )
             ending = _ending(settings, attempts, cancel_requested, started_at, over_time)
             if ending is not None:
                 status, code, event, message = ending
-                values = dict(status=status.value, error_code=code.value, error_message=message,
-                              finished_at=now, updated_at=now)
-                if session.execute(base.values(**values)).rowcount:
-                    session.add(JobEvent(job_id=job_id, kind=event, message=message))
+                if lifecycle.end_abandoned(
+                    session,
+                    job_id=job_id,
+                    attempt=attempts,
+                    stale_before=stale,
+                    status=status,
+                    code=code,
+                    event=event,
+                    message=message,
+                ):
                     failed.append(job_id)
-            else:
-                values = dict(status=JobStatus.QUEUED.value, worker=None, updated_at=now)
-                if session.execute(base.values(**values)).rowcount:
-                    session.add(
-                        JobEvent(
-                            job_id=job_id, kind="requeued", message=f"heartbeat stopped (attempt {attempts})"
-                        )
-                    )
-                    requeued.append(job_id)
+            elif lifecycle.requeue(session, job_id=job_id, attempt=attempts, stale_before=stale):
+                requeued.append(job_id)
     _send_all(enqueue, requeued)
     if requeued or failed:
         log.warning("reaper: re-queued %s, ended %s", requeued, failed)
@@ -102,20 +99,16 @@ def requeue_lost_messages(
     resent: list[str] = []
     with session_scope(settings.resolved_database_url) as session:
         waiting = session.execute(
-            select(Job.id, Job.updated_at).where(Job.status == JobStatus.QUEUED.value, Job.updated_at < cutoff)
+            select(Job.id, Job.attempts, Job.updated_at).where(
+                Job.status == JobStatus.QUEUED.value, Job.updated_at < cutoff
+            )
         ).all()
-        lost = {job_id: updated_at for job_id, updated_at in waiting if job_id not in pending}
+        lost = {job_id: (attempts, updated_at) for job_id, attempts, updated_at in waiting if job_id not in pending}
         ours = _sent_to_queue(session, list(lost), settings.queue)
-        for job_id, updated_at in lost.items():
-            if job_id not in ours:
-                continue
-            taken = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.updated_at == updated_at)
-                .values(updated_at=now)
-            ).rowcount
-            if taken:
-                session.add(JobEvent(job_id=job_id, kind="requeued", message="broker lost its message; sent again"))
+        for job_id, (attempts, updated_at) in lost.items():
+            if job_id in ours and lifecycle.mark_resent(
+                session, job_id=job_id, attempt=attempts, updated_at=updated_at
+            ):
                 resent.append(job_id)
     _send_all(enqueue, resent)
     if resent:

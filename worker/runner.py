@@ -14,21 +14,24 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from core import CancelledError, QuantConfig, VitqError, run_quantization
+from service import lifecycle
 from service.archives import Limits
 from service.db import session_scope
 from service.job_inputs import data_path, spec_from_stored
+from service.lifecycle import Lease
+from service.progress import EtaEstimator, percent
 from service.settings import Settings
 from service.storage import StorageError, get_store
-from service.tables import Artifact, Job, JobErrorCode, JobEvent, JobStatus, Report, utcnow
+from service.tables import Artifact, Job, JobErrorCode, JobStatus, Report, utcnow
 from worker.memory import release_memory
 from worker.report_html import render_report_html
 
@@ -46,82 +49,35 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}{suffix}"
 
 
-def claim(settings: Settings, job_id: str, me: str) -> bool:
-    """Compare-and-set ``queued → running`` (or take over a running job whose heartbeat stopped)."""
-    now = utcnow()
-    stale = now - timedelta(seconds=settings.stale_after_s)
+def claim(settings: Settings, job_id: str, me: str) -> Lease | None:
+    """Win the job for this worker (``queued → running``, or take over one whose heartbeat stopped)."""
+    stale_before = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope(settings.resolved_database_url) as session:
-        claimed = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.cancel_requested.is_(False),
-                Job.attempts < settings.max_attempts,
-                or_(
-                    Job.status == JobStatus.QUEUED.value,
-                    (Job.status == JobStatus.RUNNING.value) & (Job.heartbeat_at < stale),
-                ),
-            )
-            .values(
-                status=JobStatus.RUNNING.value,
-                attempts=Job.attempts + 1,
-                worker=me,
-                heartbeat_at=now,
-                started_at=now,
-                updated_at=now,
-                progress=None,
-            )
-        ).rowcount
-        if claimed:
-            session.add(JobEvent(job_id=job_id, kind="started", message=f"claimed by {me}"))
-        return bool(claimed)
+        return lifecycle.claim(
+            session, job_id=job_id, worker=me, max_attempts=settings.max_attempts, stale_before=stale_before
+        )
 
 
-def _finish(
-    settings: Settings,
-    job_id: str,
-    me: str,
-    status: JobStatus,
-    *,
-    code: str | None = None,
-    message: str | None = None,
-    extra: dict[str, Any] | None = None,
-) -> bool:
-    """``running → status``, only if this worker still holds the job."""
-    now = utcnow()
+def _finish(settings: Settings, transition: Callable[..., bool], lease: Lease, **kwargs: Any) -> bool:
+    """Run one lifecycle transition with the worker's lease in its own transaction."""
     with session_scope(settings.resolved_database_url) as session:
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == me)
-            .values(
-                status=status.value,
-                error_code=code,
-                error_message=message,
-                finished_at=now,
-                updated_at=now,
-                heartbeat_at=now,
-                **(extra or {}),
-            )
-        ).rowcount
-        if done:
-            session.add(JobEvent(job_id=job_id, kind=status.value, message=message or status.value))
-    return bool(done)
+        return transition(session, lease, **kwargs)
 
 
 class JobMonitor:
     """Heartbeat thread + throttled progress writes + the cancel flag core polls through should_stop."""
 
-    def __init__(self, settings: Settings, job_id: str, me: str) -> None:
+    def __init__(self, settings: Settings, lease: Lease) -> None:
         self.settings = settings
-        self.job_id = job_id
-        self.me = me
+        self.lease = lease
         self.cancel = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{lease.job_id}", daemon=True)
         self._last_write = 0.0
         self._stage: str | None = None
-        self._started = time.monotonic()
+        self._eta = EtaEstimator()
+        self.last_progress: dict[str, Any] | None = None
 
     def __enter__(self) -> JobMonitor:
         self._thread.start()
@@ -138,22 +94,14 @@ class JobMonitor:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
                 with session_scope(self.settings.resolved_database_url) as session:
-                    alive = session.execute(
-                        update(Job)
-                        .where(
-                            Job.id == self.job_id,
-                            Job.status == JobStatus.RUNNING.value,
-                            Job.worker == self.me,
-                        )
-                        .values(heartbeat_at=utcnow())
-                    ).rowcount
-                    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+                    alive = lifecycle.heartbeat(session, self.lease)
+                    cancel = lifecycle.cancel_is_requested(session, self.lease.job_id)
                 if cancel:
                     self.cancel.set()
                 if not alive:
                     self.lost.set()  # re-queued by a reaper, or the row is gone: stop working on it
             except Exception:
-                log.exception("heartbeat for %s failed", self.job_id)
+                log.exception("heartbeat for %s failed", self.lease.job_id)
 
     def progress(self, event: dict[str, Any]) -> None:
         # core polls should_stop between optimization steps; progress events also come at stage
@@ -161,15 +109,13 @@ class JobMonitor:
         if self.should_stop():
             raise CancelledError("cancelled")
         stage = str(event.get("stage") or "")
+        done, total_steps = event.get("done") or 0, event.get("total_steps") or 0
+        eta = self._eta.update(done, total_steps)
         now = time.monotonic()
         stage_changed = stage != self._stage
         if not stage_changed and now - self._last_write < self.settings.progress_interval_s:
             return
         self._last_write = now
-        done, total_steps = event.get("done") or 0, event.get("total_steps") or 0
-        percent = round(100.0 * done / total_steps, 1) if total_steps else None
-        elapsed = now - self._started
-        eta = round(elapsed * (total_steps - done) / done, 1) if done and total_steps else None
         loss = event.get("loss")
         record = {
             "stage": stage,
@@ -179,26 +125,21 @@ class JobMonitor:
             "loss": float(loss) if isinstance(loss, int | float) else None,
             "done": done,
             "total_steps": total_steps,
-            "percent": percent,
+            "percent": percent(done, total_steps),
             "eta_seconds": eta,
             "updated_at": utcnow().isoformat(),
         }
         try:
             with session_scope(self.settings.resolved_database_url) as session:
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.worker == self.me)
-                    .values(progress=record, updated_at=utcnow())
-                )
-                if stage_changed:
-                    session.add(
-                        JobEvent(job_id=self.job_id, kind="stage", message=stage, data={"stage": stage})
-                    )
+                lifecycle.record_progress(session, self.lease, record, new_stage=stage if stage_changed else None)
         except DBAPIError as exc:
             # Progress is best effort: a database restart must not kill an hours-long job. The next
             # event writes again (the stage event too, since _stage is not advanced).
-            log.warning("progress of %s not written (database unreachable: %s)", self.job_id, type(exc).__name__)
+            log.warning(
+                "progress of %s not written (database unreachable: %s)", self.lease.job_id, type(exc).__name__
+            )
             return
+        self.last_progress = record
         self._stage = stage
 
 
@@ -219,88 +160,101 @@ def _summary(report: dict[str, Any], checkpoint_sha: str, checkpoint_bytes: int)
     }
 
 
-def _store_results(session: Session, settings: Settings, job: Job, out: Path, report: dict[str, Any]) -> dict:
+def _result_rows(
+    settings: Settings, job: JobInputs, out: Path, report: dict[str, Any]
+) -> tuple[list[Artifact], Report, dict[str, Any]]:
+    """Put the job's files in the artifact store (content-addressed) and build the rows that point at
+    them; :func:`service.lifecycle.succeed` adds the rows only if this attempt is still current."""
     store = get_store(settings.resolved_storage_dir)
-    (out / "report.html").write_text(render_report_html(report, job_id=job.id), encoding="utf-8")
-    shas: dict[str, tuple[str, int]] = {}
+    (out / "report.html").write_text(render_report_html(report, job_id=job.job_id), encoding="utf-8")
+    artifacts: list[Artifact] = []
     for name, content_type in CONTENT_TYPES.items():
         sha, size = store.put_file(out / name)
-        shas[name] = (sha, size)
-        session.add(
-            Artifact(job_id=job.id, name=name, sha256=sha, size_bytes=size, content_type=content_type)
+        artifacts.append(
+            Artifact(job_id=job.job_id, name=name, sha256=sha, size_bytes=size, content_type=content_type)
         )
     fp = report.get("fp") or {}
     quant = report.get("quant") or {}
-    session.add(
-        Report(
-            job_id=job.id,
-            tenant_id=job.tenant_id,
-            model_key=job.model_key,
-            w_bits=int(report["w_bits"]),
-            a_bits=int(report["a_bits"]),
-            method=str(report["method"]),
-            preset=str(report["preset"]),
-            fp_top1=fp.get("top1"),
-            fp_top5=fp.get("top5"),
-            quant_top1=quant.get("top1"),
-            quant_top5=quant.get("top5"),
-            n_eval=quant.get("n"),
-            agreement=quant.get("agreement"),
-            logit_sqnr_db=quant.get("logit_sqnr_db"),
-            seconds_total=(report.get("seconds") or {}).get("total"),
-            report=report,
-        )
+    row = Report(
+        job_id=job.job_id,
+        tenant_id=job.tenant_id,
+        model_key=job.model_key,
+        w_bits=int(report["w_bits"]),
+        a_bits=int(report["a_bits"]),
+        method=str(report["method"]),
+        preset=str(report["preset"]),
+        fp_top1=fp.get("top1"),
+        fp_top5=fp.get("top5"),
+        quant_top1=quant.get("top1"),
+        quant_top5=quant.get("top5"),
+        n_eval=quant.get("n"),
+        agreement=quant.get("agreement"),
+        logit_sqnr_db=quant.get("logit_sqnr_db"),
+        seconds_total=(report.get("seconds") or {}).get("total"),
+        report=report,
     )
-    sha, size = shas["checkpoint.safetensors"]
-    return _summary(report, sha, size)
+    checkpoint = artifacts[0]
+    return artifacts, row, _summary(report, checkpoint.sha256, checkpoint.size_bytes)
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What the runner reads from the row once, right after the claim."""
+
+    job_id: str
+    tenant_id: str
+    model_key: str
+    model_spec: dict[str, Any]
+    config: dict[str, Any]
+    calibration: str
+    evaluation: str | None
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 """OSErrors from core that mean the worker's scratch disk failed, not that the job is wrong."""
 
 
-def _fail_storage(settings: Settings, job_id: str, me: str, exc: OSError) -> None:
-    log.error("job %s: storage failed: %s", job_id, exc)
+def _fail_storage(settings: Settings, lease: Lease, exc: OSError) -> str | None:
+    log.error("job %s: storage failed: %s", lease.job_id, exc)
     reason = exc.strerror or str(exc)
     message = str(exc) if isinstance(exc, StorageError) else f"could not write job output: {reason}"
-    _finish(settings, job_id, me, JobStatus.FAILED, code=JobErrorCode.STORAGE.value, message=message)
+    won = _finish(settings, lifecycle.fail, lease, code=JobErrorCode.STORAGE.value, message=message)
+    return JobStatus.FAILED.value if won else None
 
 
 def run_job(
     settings: Settings, job_id: str, *, soft_timeout: type[BaseException] | None = None
 ) -> str | None:
-    """Run the job if it can be claimed. Returns the final status, or None when not claimed."""
-    me = worker_name()
-    if not claim(settings, job_id, me):
+    """Run the job if it can be claimed. Returns the final status, or None when not claimed (or when
+    the job was taken from this worker before it finished)."""
+    lease = claim(settings, job_id, worker_name())
+    if lease is None:
         log.info("job %s not claimable (taken, finished, cancelled or out of attempts)", job_id)
         return None
     db_url = settings.resolved_database_url
     with session_scope(db_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None  # claimed a moment ago
-        stored_spec, config_dict = job.model_spec, job.config
-        calibration_ref, evaluation_ref = job.calibration, job.evaluation
+        row = session.get(Job, job_id)
+        assert row is not None  # claimed a moment ago
+        job = JobInputs(row.id, row.tenant_id, row.model_key, row.model_spec, row.config, row.calibration,
+                        row.evaluation)
     scratch = Path(tempfile.mkdtemp(prefix=f"vitq-{job_id}-"))
     limits = Limits(max_members=settings.max_archive_members, max_bytes=settings.max_archive_bytes)
-    status = JobStatus.FAILED
     try:
-        with JobMonitor(settings, job_id, me) as monitor:
+        with JobMonitor(settings, lease) as monitor:
             try:
                 store = get_store(settings.resolved_storage_dir)
                 with session_scope(db_url) as session:
-                    spec = spec_from_stored(stored_spec, store, settings.resolved_cache_dir)
+                    spec = spec_from_stored(job.model_spec, store, settings.resolved_cache_dir)
                     cache = settings.resolved_cache_dir / "datasets"
-                    calibration = data_path(
-                        session, store, ref=calibration_ref, cache_dir=cache, limits=limits
-                    )
+                    calibration = data_path(session, store, ref=job.calibration, cache_dir=cache, limits=limits)
                     evaluation = (
-                        data_path(session, store, ref=evaluation_ref, cache_dir=cache, limits=limits)
-                        if evaluation_ref
+                        data_path(session, store, ref=job.evaluation, cache_dir=cache, limits=limits)
+                        if job.evaluation
                         else None
                     )
                 report = run_quantization(
                     spec,
-                    QuantConfig.from_dict(config_dict),
+                    QuantConfig.from_dict(job.config),
                     calibration=calibration,
                     evaluation=evaluation,
                     out_dir=scratch / "out",
@@ -311,61 +265,43 @@ def run_job(
                 if monitor.lost.is_set() and not monitor.cancel.is_set():
                     log.warning("job %s was taken from this worker; dropping it", job_id)
                     return None
-                _finish(
-                    settings,
-                    job_id,
-                    me,
-                    JobStatus.CANCELLED,
-                    code="cancelled",
-                    message="cancelled by request",
-                )
-                status = JobStatus.CANCELLED
-                return status.value
+                won = _finish(settings, lifecycle.cancelled, lease)
+                return JobStatus.CANCELLED.value if won else None
             except VitqError as exc:
-                _finish(settings, job_id, me, JobStatus.FAILED, code=exc.code, message=exc.message)
-                return status.value
+                won = _finish(settings, lifecycle.fail, lease, code=exc.code, message=exc.message)
+                return JobStatus.FAILED.value if won else None
             except Exception as exc:
                 if soft_timeout is not None and isinstance(exc, soft_timeout):
-                    _finish(
-                        settings,
-                        job_id,
-                        me,
-                        JobStatus.FAILED,
-                        code=JobErrorCode.TIMEOUT.value,
-                        message=f"the job ran past the time limit of {settings.job_soft_time_limit_s} s",
-                    )
-                    return status.value
+                    won = _finish(settings, lifecycle.timeout, lease, limit_s=settings.job_soft_time_limit_s)
+                    return JobStatus.FAILED.value if won else None
                 if isinstance(exc, StorageError) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
-                    _fail_storage(settings, job_id, me, exc)
-                    return status.value
+                    return _fail_storage(settings, lease, exc)
                 log.exception("job %s crashed", job_id)
-                _finish(
+                won = _finish(
                     settings,
-                    job_id,
-                    me,
-                    JobStatus.FAILED,
+                    lifecycle.fail,
+                    lease,
                     code=JobErrorCode.INTERNAL.value,
                     message=f"{type(exc).__name__}: {str(exc)[:500]}",
                 )
-                return status.value
+                return JobStatus.FAILED.value if won else None
         try:
-            with session_scope(db_url) as session:
-                job = session.get(Job, job_id)
-                if job is None or job.status != JobStatus.RUNNING.value or job.worker != me:
-                    return None
-                summary = _store_results(session, settings, job, scratch / "out", report)
-                now = utcnow()
-                job.status = JobStatus.SUCCEEDED.value
-                job.result = summary
-                job.finished_at = now
-                job.updated_at = now
-                job.progress = {**(job.progress or {}), "percent": 100.0, "eta_seconds": 0.0}
-                session.add(JobEvent(job_id=job_id, kind="succeeded", message="artifacts stored"))
+            artifacts, report_row, summary = _result_rows(settings, job, scratch / "out", report)
+            won = _finish(
+                settings,
+                lifecycle.succeed,
+                lease,
+                summary=summary,
+                progress=monitor.last_progress,
+                artifacts=artifacts,
+                report=report_row,
+            )
         except OSError as exc:  # rolled back: no artifact row points at a blob that is not whole
-            _fail_storage(settings, job_id, me, exc)
-            return status.value
-        status = JobStatus.SUCCEEDED
-        return status.value
+            return _fail_storage(settings, lease, exc)
+        if not won:
+            log.warning("job %s was re-queued, taken over or ended while it finished; its results are dropped", job_id)
+            return None
+        return JobStatus.SUCCEEDED.value
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         release_memory()

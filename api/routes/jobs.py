@@ -8,7 +8,7 @@ import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
@@ -16,13 +16,15 @@ from api.errors import ApiError
 from api.jobs_view import get_job, job_public
 from api.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from core import QuantConfig
+from service import lifecycle
 from service.job_inputs import check_data_fits, describe_data, resolve_model
 from service.queue import send_run_job, send_webhook
-from service.tables import Job, JobErrorCode, JobEvent, JobStatus, new_id, utcnow
+from service.tables import Job, JobEvent, JobStatus, new_id
 
 log = logging.getLogger("vitq.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 RETRY_AFTER_S = "2"
+CANCEL_TRIES = 3
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -71,7 +73,6 @@ def create_job(
     job = Job(
         id=new_id("job"),
         tenant_id=tenant.id,
-        status=JobStatus.QUEUED.value,
         request=body.model_dump(mode="json"),
         model_key=model.key,
         model_spec=model.stored,
@@ -82,9 +83,7 @@ def create_job(
         idempotency_key=idempotency_key,
         webhook_url=body.webhook_url,
     )
-    session.add(job)
-    # The queue is recorded so a reaper re-sends only its own queue's jobs when the broker loses them.
-    session.add(JobEvent(job_id=job.id, kind="created", message="job queued", data={"queue": settings.queue}))
+    lifecycle.create(session, job, queue=settings.queue)
     try:
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won
@@ -100,10 +99,7 @@ def create_job(
         send_run_job(settings, job.id)
     except Exception as exc:  # broker down: the job must not stay queued forever
         log.exception("could not enqueue job %s", job.id)
-        job.status = JobStatus.FAILED.value
-        job.error_code = JobErrorCode.BROKER_UNAVAILABLE.value
-        job.error_message = f"could not reach the broker: {type(exc).__name__}"
-        job.finished_at = utcnow()
+        lifecycle.fail_unsent(session, job_id=job.id, message=f"could not reach the broker: {type(exc).__name__}")
         session.commit()
         raise ApiError(503, "broker_unavailable", "the job queue is unreachable; try again later") from None
 
@@ -151,32 +147,23 @@ def cancel_job(
     job_id: str, response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> JobPublic:
     job = get_job(session, tenant_id=tenant.id, job_id=job_id)
-    now = utcnow()
-    cancelled_queued = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
-        .values(
-            status=JobStatus.CANCELLED.value,
-            cancel_requested=True,
-            error_code=JobErrorCode.CANCELLED.value,
-            error_message="cancelled before it started",
-            finished_at=now,
-            updated_at=now,
-        )
-    ).rowcount
-    if cancelled_queued:
-        session.add(JobEvent(job_id=job.id, kind="cancelled", message="cancelled while queued"))
+    cancelled_queued = False
+    for _ in range(CANCEL_TRIES):  # the row may move (claimed, re-queued) between the read and the update
+        if job.status == JobStatus.QUEUED.value:
+            cancelled_queued = lifecycle.cancel_queued(session, job_id=job.id, attempt=job.attempts)
+            if cancelled_queued:
+                break
+        elif job.status == JobStatus.RUNNING.value:
+            if lifecycle.request_cancel(session, job_id=job.id, attempt=job.attempts):
+                break
+        else:
+            break
+        session.rollback()
+        session.refresh(job)
     else:
-        requested = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value)
-            .values(cancel_requested=True, updated_at=now)
-        ).rowcount
-        if not requested:
-            session.rollback()
-            session.refresh(job)
-            raise ApiError(409, "job_finished", f"job {job.id} already finished ({job.status})")
-        session.add(JobEvent(job_id=job.id, kind="cancel_requested", message="cancel requested"))
+        raise ApiError(409, "job_busy", f"job {job.id} changed while it was being cancelled; try again")
+    if JobStatus(job.status).finished and not cancelled_queued:
+        raise ApiError(409, "job_finished", f"job {job.id} already finished ({job.status})")
     session.commit()
     session.refresh(job)
     if cancelled_queued and job.webhook_url:

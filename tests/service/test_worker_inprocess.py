@@ -15,6 +15,7 @@ from core import CancelledError
 from service.archives import Limits
 from service.db import session_scope
 from service.job_inputs import data_path, spec_from_stored
+from service.progress import EtaEstimator
 from service.storage import get_store
 from service.tables import Job, JobEvent, utcnow
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_imagefolder_zip, write_npz
@@ -49,13 +50,14 @@ def _job(service, job_id: str) -> dict:
 
 def test_claim_is_compare_and_set(service):
     job_id = _submit(service)
-    assert claim(service.settings, job_id, "worker-1") is True
-    assert claim(service.settings, job_id, "worker-2") is False
+    lease = claim(service.settings, job_id, "worker-1")
+    assert lease is not None and (lease.worker, lease.attempt) == ("worker-1", 1)
+    assert claim(service.settings, job_id, "worker-2") is None
     job = _job(service, job_id)
     assert job["status"] == "running" and job["attempts"] == 1
     cancelled = _submit(service)
     service.client.post(f"/v1/jobs/{cancelled}/cancel", headers=auth(service.key_a))
-    assert claim(service.settings, cancelled, "worker-1") is False
+    assert claim(service.settings, cancelled, "worker-1") is None
 
 
 def test_reaper_requeues_then_fails(service):
@@ -94,8 +96,11 @@ def test_progress_is_throttled_and_has_percent_and_eta(service, monkeypatch):
     monkeypatch.setattr(service.settings, "progress_interval_s", 60.0)
     monkeypatch.setattr(service.settings, "heartbeat_interval_s", 0.2)
     job_id = _submit(service)
-    assert claim(service.settings, job_id, "me")
-    with JobMonitor(service.settings, job_id, "me") as monitor:
+    lease = claim(service.settings, job_id, "me")
+    assert lease is not None
+    ticks = iter(range(1, 1000))
+    with JobMonitor(service.settings, lease) as monitor:
+        monitor._eta = EtaEstimator(clock=lambda: float(next(ticks)))  # one second per progress event
         for i in range(50):
             monitor.progress(
                 {
@@ -129,7 +134,9 @@ def test_progress_is_throttled_and_has_percent_and_eta(service, monkeypatch):
         with pytest.raises(CancelledError):  # a stage boundary honours the cancel as well
             monitor.progress({"stage": "evaluate_quant", "done": 0, "total_steps": 0})
     progress = _job(service, job_id)["progress"]
-    assert progress["stage"] == "stage2" and progress["percent"] == 60.0 and progress["eta_seconds"] >= 0
+    # rate from the first step seen (done=1 at t=1) to done=60 at t=51: 59 steps in 50 s, 40 to go
+    assert progress["stage"] == "stage2" and progress["percent"] == 60.0
+    assert progress["eta_seconds"] == pytest.approx(50 * 40 / 59, abs=0.1)
     with session_scope(service.settings.resolved_database_url) as session:
         stages = session.scalars(
             select(JobEvent.message).where(JobEvent.job_id == job_id, JobEvent.kind == "stage")
