@@ -30,12 +30,13 @@ from core.models import Preprocess
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-_FMNIST = re.compile(r"^fashion-mnist:(train|test)(?::(\d+))?$")
+FASHION_MNIST_SPEC = re.compile(r"^fashion-mnist:(train|test)(?::([0-9]{1,6}))?$")
+"""``fashion-mnist:train``, ``fashion-mnist:test``, optionally ``:N`` (the first N images)."""
 _FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -184,7 +185,7 @@ def _read_idx(path: Path, limit: int | None = None) -> np.ndarray:
 
 @lru_cache(maxsize=16)
 def _sha256_unchanged_file(path: Path, size: int, mtime_ns: int) -> str:
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
 def _sha256_installed_file(path: Path) -> str:
@@ -276,7 +277,7 @@ def load_dataset(source: str, preprocess: Preprocess) -> ImageDataset:
     directory, or a ``.tar``/``.tar.gz``/``.zip`` of one."""
     if not isinstance(source, str) or not source:
         raise DatasetError("dataset must be a path or 'fashion-mnist:train[:N]' / 'fashion-mnist:test'")
-    match = _FMNIST.match(source)
+    match = FASHION_MNIST_SPEC.match(source)
     if match:
         limit = int(match.group(2)) if match.group(2) else None
         if limit == 0:
@@ -291,12 +292,12 @@ def load_dataset(source: str, preprocess: Preprocess) -> ImageDataset:
         return _image_folder(path, preprocess, source, f"dir:{path.resolve()}", None)
     if path.suffix.lower() == ".npz":
         x, y, normalized = _npz(path, preprocess, source)
-        return ImageDataset(preprocess, source=source, fingerprint=_sha256_file(path), array=x,
+        return ImageDataset(preprocess, source=source, fingerprint=sha256_file(path), array=x,
                             normalized=normalized, labels=y)
     if is_archive(path):
         tempdir = Path(tempfile.mkdtemp(prefix="vitq-data-"))
         safe_extract(path, tempdir / "root")
-        return _image_folder(tempdir / "root", preprocess, source, _sha256_file(path), tempdir)
+        return _image_folder(tempdir / "root", preprocess, source, sha256_file(path), tempdir)
     raise DatasetError(f"{source}: unsupported dataset format (use .npz, .tar, .tar.gz, .zip or a directory)")
 
 
@@ -304,7 +305,7 @@ def inspect_dataset(path: str | Path, max_decode: int = 64) -> dict[str, Any]:
     """Validate a dataset file and describe it; decodes up to ``max_decode`` images to prove they load."""
     probe = Preprocess(mean=(0.0,), std=(1.0,), input_size=(1, 8, 8))
     source = str(path)
-    if _FMNIST.match(source) or Path(source).suffix.lower() != ".npz":
+    if FASHION_MNIST_SPEC.match(source) or Path(source).suffix.lower() != ".npz":
         dataset = load_dataset(source, probe)
         if dataset.files is not None:
             shapes = []

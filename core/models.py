@@ -182,17 +182,35 @@ def resolve_model_spec(value: str | dict[str, Any] | ModelSpec) -> ModelSpec:
     raise ModelSpecError(f"unknown model {value!r}: not a built-in ({', '.join(builtins)}), spec file, or timm name")
 
 
-def _looks_like_safetensors(path: Path) -> bool:
+SAFETENSORS_MAX_HEADER_BYTES = 1 << 27
+"""The largest safetensors JSON header accepted (128 MiB); a longer length field means not safetensors."""
+PTH_STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
+"""Keys a ``.pth`` file nests its state dict under (training loops, DDP); unwrapped in this order."""
+
+
+def looks_like_safetensors(path: Path) -> bool:
     """A safetensors file starts with an 8-byte little-endian header length and a JSON object."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < (1 << 27) and head[8:9] == b"{"
+    return (
+        len(head) == 9
+        and 2 <= int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER_BYTES
+        and head[8:9] == b"{"
+    )
+
+
+def unwrap_state_dict(obj: Any) -> Any:
+    """The state dict inside a loaded ``.pth`` object, through any of ``PTH_STATE_DICT_KEYS``."""
+    for key in PTH_STATE_DICT_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelSpecError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+    if path.suffix == ".safetensors" or looks_like_safetensors(path):
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -204,9 +222,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path.name} was refused: only tensors can be loaded from .pth files "
             f"(weights_only=True); {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         ) from None
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = unwrap_state_dict(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelSpecError(f"checkpoint {path.name} does not hold a state dict of tensors")
     return state

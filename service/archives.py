@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image
 
 from core.archive import ArchiveLimits, check_tar_members, check_zip_members, safe_extract
+from core.data import IMAGE_SUFFIXES
 from core.errors import DatasetError
 from service.storage import ArtifactStore
 
 FORMATS = ("npz", "zip", "tar")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 class ArchiveError(ValueError):

@@ -6,7 +6,6 @@ No web imports: the worker calls ``spec_from_stored`` and ``data_path`` with the
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import DatasetError, ModelSpecError, list_builtin_models, resolve_model_spec
+from core.data import FASHION_MNIST_SPEC
 from service.archives import Limits, materialize_dataset
 from service.storage import ArtifactStore
 from service.tables import Dataset, Model
 
-FMNIST_RE = re.compile(r"^fashion-mnist:(train|test)(?::([0-9]{1,6}))?$")
 FMNIST_SIZES = {"train": 60_000, "test": 10_000}
 FMNIST_INFO = {"image_shape": [1, 28, 28], "num_classes": 10, "has_labels": True, "normalized": False}
 
@@ -113,7 +112,7 @@ def spec_from_stored(stored: dict[str, Any], store: ArtifactStore, cache_dir: Pa
 
 def describe_data(session: Session, *, tenant_id: str, ref: str, role: str) -> dict[str, Any]:
     """Shape facts about a data reference; raises DatasetError for unknown or malformed ones."""
-    match = FMNIST_RE.match(ref)
+    match = FASHION_MNIST_SPEC.match(ref)
     if match:
         split, count = match.group(1), match.group(2)
         if count is not None and not 1 <= int(count) <= FMNIST_SIZES[split]:
@@ -174,7 +173,7 @@ def _model_classes(spec: Any) -> int | None:
 
 def data_path(session: Session, store: ArtifactStore, *, ref: str, cache_dir: Path, limits: Limits) -> str:
     """What core's ``load_dataset`` takes: the ref itself for fashion-mnist, else a local path."""
-    if FMNIST_RE.match(ref):
+    if FASHION_MNIST_SPEC.match(ref):
         return ref
     row = session.get(Dataset, ref)
     if row is None:

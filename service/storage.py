@@ -7,21 +7,14 @@ directory as ``<root>/<sha[:2]>/<sha>``. An S3 backend implements the same five 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from core.data import sha256_file
+
 CHUNK = 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class StorageError(OSError):

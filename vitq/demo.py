@@ -10,20 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from vitq.client import Client, VitqApiError
+from vitq.processes import free_port
 from vitq.service_cli import progress_line
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(client: Client, server: subprocess.Popen, timeout: float = 180) -> None:
@@ -65,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, VITQ_DATA_DIR=str(data_dir))
     log_path = data_dir / "serve.log"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from vitq.processes import terminate_process_group
+from vitq.processes import free_port, terminate_process_group
 from worker.cpu_threads import usable_cpus
 
 
@@ -39,12 +38,6 @@ class Topology:
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.data_dir / f"{name}.log"
         return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _vitq(*args: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +14,7 @@ from api.errors import ApiError, not_found
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
 from core import ModelSpecError, build_model, list_builtin_models, resolve_model_spec
+from core.models import looks_like_safetensors, unwrap_state_dict
 from service.tables import Model, new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -63,22 +63,13 @@ def _json_object(value: str | None, field: str) -> dict[str, Any] | None:
     return parsed
 
 
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return 2 <= header_len <= 100_000_000 and head[8:9] == b"{"
-
-
 def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
     """Check a safetensors file, or convert a .pth state dict through ``weights_only`` loading."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    if _is_safetensors(raw):
+    if looks_like_safetensors(raw):
         try:
             load_file(str(raw))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -98,10 +89,7 @@ def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
             f"refusing to load the .pth file (only plain tensors are allowed, weights_only=True): "
             f"{type(exc).__name__}: {str(exc)[:300]}",
         ) from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    obj = unwrap_state_dict(obj)
     if (
         not isinstance(obj, dict)
         or not obj

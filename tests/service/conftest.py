@@ -1,32 +1,22 @@
 """Fixtures for the service tests: a throwaway PostgreSQL database, a Redis db number, an
-in-process API (FastAPI TestClient) with two tenants, and helpers to run real processes.
+in-process API (FastAPI TestClient) with two tenants, and a webhook receiver. Helpers the tests
+import live in ``tests/service/helpers.py``.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
+from http.server import HTTPServer
 
-import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
 from service.db import dispose_all, session_scope
 from service.keys import create_key
-from service.settings import Settings
-
-PG_ADMIN_URL = os.environ.get("VITQ_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("VITQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-REPO = Path(__file__).resolve().parents[2]
+from tests.service.helpers import PG_ADMIN_URL, REDIS_URL, Service, WebhookReceiver, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -63,23 +53,6 @@ def migrated_pg(pg_url: str) -> str:
     return pg_url
 
 
-@dataclass
-class Service:
-    settings: Settings
-    client: object  # fastapi.testclient.TestClient
-    key_a: str
-    key_b: str
-
-
-def make_settings(data_dir: Path, database_url: str | None = None, **overrides: object) -> Settings:
-    return Settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        queue=f"vitq-test-{secrets.token_hex(3)}",
-        **overrides,
-    )
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, migrated_pg: str) -> Iterator[Service]:
     """The API in-process over the real PostgreSQL; broker: filesystem (messages just accumulate)."""
@@ -94,64 +67,6 @@ def service(tmp_path_factory: pytest.TempPathFactory, migrated_pg: str) -> Itera
         key_b = create_key(session, tenant_name=f"tenant-b-{secrets.token_hex(3)}").key
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield Service(settings, client, key_a, key_b)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-def vitq_command(*args: str) -> list[str]:
-    """The `vitq` CLI (vitq/cli.py, which mounts the service verbs), run with this interpreter."""
-    return [sys.executable, "-m", "vitq.cli", *args]
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    out = open(log, "wb")  # noqa: SIM115 - closed when the process is stopped
-    return subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class WebhookReceiver(BaseHTTPRequestHandler):
-    """Records POSTs; answers with the queued ``statuses`` first, then 200."""
-
-    statuses: list[int] = []
-    received: list[tuple[dict, bytes]] = []
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers["content-length"]))
-        type(self).received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(type(self).statuses.pop(0) if type(self).statuses else 200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

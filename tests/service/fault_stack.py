@@ -23,9 +23,9 @@ from sqlalchemy import func, select
 from service.db import session_scope
 from service.keys import create_key
 from service.tables import Artifact, Job, JobEvent, Report
-from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
-from tests.service.helpers import wait_for
+from tests.service.helpers import start, stop, vitq_command, wait_for, wait_http
 from vitq.client import Client
+from vitq.processes import free_port
 
 FAST_JOB: dict[str, Any] = {
     "model": "fmnist-vit-tiny",

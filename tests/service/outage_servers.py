@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import PG_ADMIN_URL, free_port
+from tests.service.helpers import PG_ADMIN_URL
+from vitq.processes import free_port
 
 
 @dataclass

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from service.db import session_scope
 from service.keys import authenticate
-from tests.service.conftest import make_settings, vitq_command
 from tests.service.factories import auth
+from tests.service.helpers import make_settings, vitq_command
 
 
 def test_keys_create_and_revoke(tmp_path):

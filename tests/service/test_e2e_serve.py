@@ -15,10 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
-from tests.service.helpers import assert_checkpoint_reproduces_report, wait_for
+from tests.service.helpers import (
+    assert_checkpoint_reproduces_report,
+    start,
+    stop,
+    vitq_command,
+    wait_for,
+    wait_http,
+)
 from vitq.client import Client
+from vitq.processes import free_port
 
 pytestmark = pytest.mark.slow
 FINISHED: dict = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.service.conftest import vitq_command
+from tests.service.helpers import vitq_command
 from vitq.loadtest import LoadConfig, build_report, percentile
 
 

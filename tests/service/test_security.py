@@ -24,9 +24,10 @@ import pytest
 from service.db import session_scope
 from service.storage import get_store
 from service.tables import ApiKey, Artifact
-from tests.service.conftest import free_port, start, stop, vitq_command, wait_http
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
+from tests.service.helpers import start, stop, vitq_command, wait_http
 from vitq.loadtest import SMOKE_JOB
+from vitq.processes import free_port
 
 
 def _upload_dataset(service, path: Path, key: str):
