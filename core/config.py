@@ -38,12 +38,24 @@ class SoftmaxQuantizer(StrEnum):
 
 
 class Preset(StrEnum):
+    AUTO = "auto"
+    """``paper`` where the job runs on an accelerator, ``quick`` on a CPU; decided where it runs."""
     PAPER = "paper"
     """The paper's ImageNet setting: 1024 images, batch 64, 1000 iterations (200 at 6+ bits)."""
     QUICK = "quick"
     """Sized for CPUs: fewer iterations; the report states it."""
     SMOKE = "smoke"
     """Seconds: for tests and wiring checks only."""
+
+
+class CalibrationOrder(StrEnum):
+    """How the activation quantizers are initialised on the 64 initialisation images."""
+
+    FLOAT = "float"
+    """All at once on full-precision activations (the paper's wording)."""
+    FORWARD = "forward"
+    """In forward order, each on activations that upstream quantizers (and, where the method
+    quantizes weights before reconstruction, weights) already quantized: the authors' code."""
 
 
 DEFAULT_SOFTMAX = {
@@ -82,7 +94,7 @@ class QuantConfig:
     w_bits: int
     a_bits: int
     method: Method = Method.ISVIT
-    preset: Preset = Preset.QUICK
+    preset: Preset = Preset.AUTO
     iters: int | None = None
     calib_size: int | None = None
     batch_size: int | None = None
@@ -91,10 +103,11 @@ class QuantConfig:
     softmax_quantizer: SoftmaxQuantizer | None = None
     sos: bool = True
     integer_exponent: bool = True
+    calibration_order: CalibrationOrder = CalibrationOrder.FLOAT
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
-        for name, enum in (("method", Method), ("preset", Preset)):
+        for name, enum in (("method", Method), ("preset", Preset), ("calibration_order", CalibrationOrder)):
             _coerce_enum(self, name, enum)
         if self.softmax_quantizer is not None:
             _coerce_enum(self, "softmax_quantizer", SoftmaxQuantizer)
@@ -127,8 +140,20 @@ class QuantConfig:
         if self.method != Method.ISVIT and (self.softmax_quantizer not in (None, fixed_softmax) or not self.sos):
             raise InvalidConfigError("softmax_quantizer and sos are ablation switches of method 'isvit' only")
 
+    def for_device(self, device_type: str) -> QuantConfig:
+        """Replace ``auto`` with the preset that fits the device the job runs on."""
+        if self.preset != Preset.AUTO:
+            return self
+        return dataclasses.replace(self, preset=Preset.QUICK if device_type == "cpu" else Preset.PAPER)
+
     def resolved(self) -> QuantConfig:
-        """Fill preset defaults so the stored config says exactly what ran."""
+        """Fill preset defaults so the stored config says exactly what ran.
+
+        An ``auto`` config keeps the preset's fields open (only the worker knows its device); call
+        ``for_device`` first where the job runs.
+        """
+        if self.preset == Preset.AUTO:
+            return dataclasses.replace(self, softmax_quantizer=self.softmax_quantizer or DEFAULT_SOFTMAX[self.method])
         values = PRESETS[self.preset]
         high_bits = min(self.w_bits, self.a_bits) >= 6
         default_iters = values.iters_high_bits if high_bits else values.iters

@@ -118,7 +118,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.array)
 
-    def _load_files(self, indices: range) -> torch.Tensor:
+    def _load_files(self, indices: range | list[int]) -> torch.Tensor:
         out = []
         for i in indices:
             path = self.files[i]
@@ -137,7 +137,16 @@ class ImageDataset(torch.utils.data.Dataset):
         stop = min(stop, len(self))
         if self.files is not None:
             return self._load_files(range(start, stop))
-        chunk = torch.from_numpy(np.array(self.array[start:stop]))
+        return self._preprocess_array(np.array(self.array[start:stop]))
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        """Preprocessed images at ``indices``, in that order; only those files are decoded."""
+        if self.files is not None:
+            return self._load_files([int(i) for i in indices])
+        return self._preprocess_array(np.asarray(self.array[np.asarray(indices, dtype=np.int64)]))
+
+    def _preprocess_array(self, array: np.ndarray) -> torch.Tensor:
+        chunk = torch.from_numpy(array)
         if self.normalized:
             return chunk.float()
         if chunk.dim() == 3:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.calibration_sample import calibration_sample
 from core.checkpoint import library_versions, save
-from core.config import ACT_INIT_IMAGES, QuantConfig
+from core.config import ACT_INIT_IMAGES, Preset, QuantConfig
 from core.data import load_dataset
 from core.device import resolve_device
 from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
@@ -69,6 +70,13 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def _preset_reason(requested: Preset, config: QuantConfig, device: torch.device) -> str:
+    if requested != Preset.AUTO:
+        return f"preset {requested.value} was asked for"
+    where = "an accelerator" if device.type != "cpu" else "a CPU"
+    return f"auto: the job ran on {where} ({device}), so preset {config.preset.value}"
+
+
 def run_quantization(
     model_spec: str | dict[str, Any] | ModelSpec,
     config: QuantConfig,
@@ -82,8 +90,9 @@ def run_quantization(
     """Quantize and evaluate; write ``checkpoint.safetensors`` and ``report.json``; return the report."""
     started = time.perf_counter()
     spec = resolve_model_spec(model_spec)
-    config = config.resolved()
     dev = resolve_device(device)
+    requested_preset = config.preset
+    config = config.for_device(dev.type).resolved()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -96,7 +105,8 @@ def run_quantization(
     t0 = time.perf_counter()
     model = build_model(spec).to(dev)
     calib_ds = load_dataset(calibration, spec.preprocess)
-    calib = calib_ds.images(config.calib_size)
+    sample = calibration_sample(calib_ds, config.calib_size, config.seed)
+    calib = sample.images
     eval_ds = load_dataset(evaluation, spec.preprocess) if evaluation else None
     labels = dataset_labels(eval_ds) if eval_ds is not None else None
     seconds["load"] = time.perf_counter() - t0
@@ -131,8 +141,10 @@ def run_quantization(
         "a_bits": config.a_bits,
         "method": config.method.value,
         "preset": config.preset.value,
+        "preset_requested": requested_preset.value,
+        "preset_reason": _preset_reason(requested_preset, config, dev),
         "config": config.to_dict(),
-        "calibration": {"source": calibration, "sha256": calib_ds.fingerprint, "n": int(calib.shape[0])},
+        "calibration": {"source": calibration, "sha256": calib_ds.fingerprint, **sample.describe()},
         "evaluation": {"source": evaluation, "sha256": eval_ds.fingerprint if eval_ds is not None else None},
         "fp": fp_metrics,
         "quant": quant_metrics,
@@ -147,7 +159,8 @@ def run_quantization(
     t0 = time.perf_counter()
     save(qmodel, out / "checkpoint.safetensors", metadata={
         "model": spec_public, "method": config.method.value, "w_bits": config.w_bits, "a_bits": config.a_bits,
-        "calibration_sha256": calib_ds.fingerprint, "fp": fp_metrics, "quant": quant_metrics,
+        "calibration_sha256": calib_ds.fingerprint, "calibration_sample": sample.describe(),
+        "fp": fp_metrics, "quant": quant_metrics,
     })
     seconds["save"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from core.calibrate import calibrate_activations, init_weight_quantizers
-from core.config import ACT_INIT_IMAGES, Method, QuantConfig
+from core.config import ACT_INIT_IMAGES, CalibrationOrder, Method, QuantConfig
 from core.device import resolve_device
 from core.errors import CancelledError, DatasetError
 from core.reconstruct import capture_unit_io, chain_links, reconstruct_unit, run_unit
@@ -106,7 +106,8 @@ def _reconstruct_all(
             lr=config.lr, seed=config.seed * 1000 + u, on_step=on_step, should_stop=should_stop,
         )
         progress.emit(stage, name, base + config.iters, total, loss=result.loss_end)
-        log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end})
+        log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end,
+                    "loss_trained": result.loss_trained, "reverted": result.reverted, "skipped": result.skipped})
     return log
 
 
@@ -120,15 +121,20 @@ def quantize(
 ) -> QuantizedModel:
     """Quantize a copy of ``model`` (a timm ViT/DeiT/Swin) with ``config`` on calibration images.
 
-    ``calib`` is a float tensor N×C×H×W, already preprocessed. ``should_stop`` is polled between
+    ``calib`` is a float tensor N×C×H×W, already preprocessed, in sample order: the first 64 images
+    initialise the activation quantizers (``core.calibration_sample`` draws a stratified sample in
+    that order); a tensor larger than ``config.calib_size`` is subsampled at random. ``should_stop`` is polled between
     optimisation steps; when it returns True a ``CancelledError`` is raised within one step.
     """
-    config = config.resolved()
+    dev = resolve_device(device)
+    config = config.for_device(dev.type).resolved()
     if not isinstance(calib, torch.Tensor) or calib.dim() != 4 or calib.shape[0] == 0:
         raise DatasetError("calibration data must be a non-empty N×C×H×W tensor")
-    dev = resolve_device(device)
     torch.manual_seed(config.seed)
-    images = calib[: config.calib_size].to(dev, torch.float32)
+    if calib.shape[0] > config.calib_size:  # never "the first N": a class-sorted tensor would give one class
+        chosen = torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(config.seed))
+        calib = calib[chosen[: config.calib_size]]
+    images = calib.to(dev, torch.float32)
     init_images = images[:ACT_INIT_IMAGES]
     qmodel = wrap_model(copy.deepcopy(model).float(), config).to(dev).eval()
     fp_model = copy.deepcopy(qmodel)
@@ -150,7 +156,12 @@ def quantize(
         clock = now
 
     tracker.emit("calibrate", "", 0, 1)
-    calibrate_activations(qmodel, init_images)
+    in_forward_order = config.calibration_order == CalibrationOrder.FORWARD
+    if in_forward_order and not (config.method == Method.ISVIT and config.sos):
+        init_weight_quantizers(qmodel)  # these methods quantize weights before anything else is tuned
+        set_quant_state(qmodel, weights=True, activations=False)
+    calibrate_activations(qmodel, init_images, in_forward_order=in_forward_order)
+    set_quant_state(qmodel, weights=False, activations=False)
     _check_stop(should_stop)
     lap("calibrate")
 

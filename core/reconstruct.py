@@ -3,7 +3,8 @@
 For one unit, minimise ``mean_batch(sum((Y_q - Y_fp)^2))`` over its Linear/conv weights and
 biases (and Swin's relative-position bias table) with Adam and a cosine schedule; LayerNorm and
 every quantizer parameter stay frozen. Unit inputs and targets are cached on the device once, and
-the loop never reads a value back to the host, so a GPU is never stalled by a sync.
+the loop never reads a value back to the host, so a GPU is never stalled by a sync; the held-out
+loss is read twice per unit, before and after, to decide which parameters the unit keeps.
 """
 
 from __future__ import annotations
@@ -91,10 +92,42 @@ def trainable_parameters(unit: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+HOLDOUT_FRACTION, HOLDOUT_MAX = 8, 128
+"""One calibration image in eight (at most 128) is held out of a unit's optimisation to decide
+whether it helped."""
+
+
 @dataclass
 class UnitResult:
+    """Losses on the held-out images: before optimisation, and for the parameters the unit keeps.
+
+    ``reverted`` says the optimised parameters were worse on the held-out images than the starting
+    ones and were thrown away; ``loss_trained`` is what they reached.
+    """
+
     loss_start: float
     loss_end: float
+    loss_trained: float | None = None
+    reverted: bool = False
+    skipped: bool = False
+
+
+def holdout_split(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices of ``n`` cached unit inputs; nothing is held out below 16 inputs."""
+    held = min(HOLDOUT_MAX, n // HOLDOUT_FRACTION) if n >= 16 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    if held == 0:
+        return order, order
+    return order[held:], order[:held]
+
+
+@torch.no_grad()
+def unit_loss(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``mean_batch(sum((Y_q - Y_fp)^2))`` over all of ``inputs``, on the device (no host read)."""
+    total = torch.zeros((), device=inputs.device, dtype=torch.float64)
+    for x, y in zip(inputs.split(batch_size), targets.split(batch_size), strict=True):
+        total += (unit(x) - y).double().pow(2).flatten(1).sum(1).sum()
+    return total / inputs.shape[0]
 
 
 def reconstruct_unit(
@@ -109,9 +142,25 @@ def reconstruct_unit(
     on_step: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> UnitResult:
+    """Optimise one unit, then keep its new parameters only if they beat the starting ones on
+    held-out calibration images (a unit never leaves a stage worse than it entered it).
+
+    A unit whose held-out loss is already zero (stage 1's patch embedding: nothing before it is
+    quantized) has nothing to learn and is skipped.
+    """
     params = trainable_parameters(unit)
     if iters <= 0 or not params:
-        return UnitResult(math.nan, math.nan)
+        return UnitResult(math.nan, math.nan, skipped=True)
+    device = inputs.device
+    train_idx, held_idx = holdout_split(inputs.shape[0], seed, device)
+    held_in, held_out = inputs[held_idx], targets[held_idx]
+    start = float(unit_loss(unit, held_in, held_out, max(batch_size, 64)))
+    if start == 0.0:
+        if on_step is not None:
+            for step in range(iters):
+                on_step(step)
+        return UnitResult(0.0, 0.0, skipped=True)
+    saved = [p.detach().clone() for p in params]
     all_params = list(unit.parameters())
     saved_flags = [p.requires_grad for p in all_params]
     for p in all_params:
@@ -120,17 +169,13 @@ def reconstruct_unit(
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
-    device = inputs.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    n = inputs.shape[0]
-    tail = max(1, iters // 10)
-    loss_first = torch.zeros((), device=device)
-    loss_tail = torch.zeros((), device=device)
+    n = train_idx.shape[0]
     try:
         for step in range(iters):
             if should_stop is not None and should_stop():
                 raise CancelledError("cancelled during reconstruction")
-            idx = torch.randint(0, n, (min(batch_size, n),), device=device, generator=generator)
+            idx = train_idx[torch.randint(0, n, (min(batch_size, n),), device=device, generator=generator)]
             with torch.enable_grad():
                 out = unit(inputs[idx])
                 loss = (out - targets[idx]).pow(2).flatten(1).sum(1).mean()
@@ -138,15 +183,16 @@ def reconstruct_unit(
                 loss.backward()
             optimizer.step()
             schedule.step()
-            detached = loss.detach()
-            if step == 0:
-                loss_first = detached
-            if step >= iters - tail:
-                loss_tail = loss_tail + detached
             if on_step is not None:
                 on_step(step)
     finally:
         for p, flag in zip(all_params, saved_flags, strict=True):
             p.requires_grad_(flag)
         optimizer.zero_grad(set_to_none=True)
-    return UnitResult(float(loss_first), float(loss_tail / tail))
+    trained = float(unit_loss(unit, held_in, held_out, max(batch_size, 64)))
+    if trained < start:
+        return UnitResult(start, trained, loss_trained=trained)
+    with torch.no_grad():
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+    return UnitResult(start, start, loss_trained=trained, reverted=True)

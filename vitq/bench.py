@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from core import QuantConfig, build_model, load_dataset, quantize, resolve_model_spec
+from core.calibration_sample import CalibrationSample, calibration_sample
 from core.checkpoint import library_versions
 from core.device import resolve_device
 from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
@@ -52,7 +53,7 @@ def run_rows(
     fp_logits = predict_logits(model, eval_ds, dev)
     fp = accuracy(fp_logits, labels)
     fp_seconds = time.perf_counter() - t0
-    calib = calib_ds.images()
+    samples: dict[tuple[int, int], CalibrationSample] = {}
     results: list[dict[str, Any]] = []
     report = {
         "model": setup.model_name, "preset": setup.preset, "calib": setup.calib, "eval": setup.eval,
@@ -66,9 +67,13 @@ def run_rows(
             fields.setdefault("calib_size", setup.calib_size)
         if setup.iters is not None and fields.get("method", "isvit") == "isvit":
             fields.setdefault("iters", setup.iters)
-        config = QuantConfig(**fields).resolved()
+        config = QuantConfig(**fields).for_device(dev.type).resolved()
         label = row.get("label") or f"{config.method.value} W{config.w_bits}A{config.a_bits}"
         callback = progress_factory(label) if progress_factory else None
+        key = (config.calib_size, config.seed)
+        if key not in samples:  # rows with the same size and seed calibrate on the same images
+            samples[key] = calibration_sample(calib_ds, config.calib_size, config.seed)
+        calib = samples[key].images
         t0 = time.perf_counter()
         qmodel = quantize(model, config, calib, progress=callback, device=dev)
         quant_seconds = time.perf_counter() - t0
@@ -81,6 +86,8 @@ def run_rows(
             "label": label, "method": config.method.value, "w_bits": config.w_bits, "a_bits": config.a_bits,
             "softmax_quantizer": config.softmax_quantizer.value, "sos": config.sos,
             "integer_exponent": config.integer_exponent, "iters": config.iters, "calib_size": int(calib.shape[0]),
+            "seed": config.seed, "preset": config.preset.value,
+            "units_reverted": sum(1 for r in qmodel.reconstruction if r.get("reverted")),
             "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"], "agreement": metrics["agreement"],
             "logit_sqnr_db": metrics["logit_sqnr_db"], "drop": fp["top1"] - metrics["top1"],
             "reconstruction_units": len({r["unit"] for r in qmodel.reconstruction}),

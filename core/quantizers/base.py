@@ -17,7 +17,8 @@ class ActQuantizer(nn.Module):
     ``enabled`` off makes the module the identity, which is how the float model, stage 1 of SOS
     (weights off) and the lossless-reparameterization test are expressed with one model.
     ``calibrating`` on makes the next forward set the parameters from the tensor it sees and
-    pass the tensor through unchanged.
+    pass the tensor through unchanged (or, with ``quantize_after_calibration``, quantized, so that
+    one forward pass calibrates every quantizer on its upstream quantizers' output).
     """
 
     def __init__(self, bits: int) -> None:
@@ -25,6 +26,7 @@ class ActQuantizer(nn.Module):
         self.bits = bits
         self.enabled = False
         self.calibrating = False
+        self.quantize_after_calibration = False
         self.register_buffer("initialized", torch.tensor(False))
 
     @property
@@ -46,7 +48,7 @@ class ActQuantizer(nn.Module):
             with torch.no_grad():
                 self.calibrate(x.detach())
             self.initialized.fill_(True)
-            return x
+            return self.quantize(x) if self.quantize_after_calibration else x
         if not self.enabled:
             return x
         return self.quantize(x)
