@@ -161,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--bits", type=int, default=3)
         b.set_defaults(func=func)
 
-    if importlib.util.find_spec("vitq.service_cli") is not None:
-        from vitq.service_cli import add_service_commands
+    if importlib.util.find_spec("vitq.server_cli") is not None:
+        from vitq.client_cli import add_client_commands
+        from vitq.server_cli import add_server_commands
 
-        add_service_commands(sub)
+        add_server_commands(sub)
+        add_client_commands(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vitq.client import Client, VitqApiError
 from vitq.processes import free_port
-from vitq.service_cli import progress_line
+from vitq.progress import JobProgress
 
 
 def _wait_ready(client: Client, server: subprocess.Popen, timeout: float = 180) -> None:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "vitq.service_cli",
+                "vitq.server_cli",
                 "serve",
                 "--port",
                 str(port),
@@ -97,17 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"POST {url}/v1/jobs {body}", flush=True)
         job = client.submit_job(**body)
         print(f"job {job['id']} queued", flush=True)
-        last = {"stage": None, "at": 0.0}
-
-        def show(current: dict) -> None:
-            # one line per stage change, and at most one every 10 s within a stage
-            stage = (current["status"], (current.get("progress") or {}).get("stage"))
-            now = time.monotonic()
-            if stage != last["stage"] or now - last["at"] >= 10:
-                print(f"  {progress_line(current)}", flush=True)
-                last.update(stage=stage, at=now)
-
-        job = client.wait(job["id"], poll=2.0, on_progress=show)
+        with JobProgress(job["id"], stream=sys.stdout) as show:  # one live bar; plain lines in a log
+            job = client.wait(job["id"], poll=1.0, on_progress=show)
         if job["status"] != "succeeded":
             print(f"job {job['id']} {job['status']}: {job['error']}", file=sys.stderr)
             return 1

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.load import SMOKE_JOB
 from service.queue import RUN_JOB, celery_for
 from tests.service.fault_stack import FAST_JOB, FOREVER_JOB, isvit_job, stack_factory  # noqa: F401
 from tests.service.helpers import wait_for
-from vitq.loadtest import SMOKE_JOB
 
 pytestmark = pytest.mark.slow
 

@@ -1,12 +1,12 @@
-"""`vitq loadtest` at tiny scale against the real topology (uvicorn + PostgreSQL + Redis), so the
+"""`vitq-loadtest` at tiny scale against the real topology (uvicorn + PostgreSQL + Redis), so the
 benchmark command cannot rot: both modes run, report, and pass their own checks."""
 
 from __future__ import annotations
 
 import json
+import sys
 
-from tests.service.helpers import vitq_command
-from vitq.loadtest import LoadConfig, build_report, percentile
+from loadtest.load import LoadConfig, build_report, percentile
 
 
 def test_percentile_is_nearest_rank():
@@ -15,7 +15,7 @@ def test_percentile_is_nearest_rank():
 
 
 def test_report_fails_on_duplicated_jobs_and_server_errors():
-    from vitq.loadtest import Recorder
+    from loadtest.load import Recorder
 
     rec = Recorder()
     rec.add("submit", 202, 0.0, 0.01)
@@ -28,7 +28,7 @@ def test_report_fails_on_duplicated_jobs_and_server_errors():
 
 
 def test_steady_state_latency_starts_after_the_ramp_up():
-    from vitq.loadtest import Recorder
+    from loadtest.load import Recorder
 
     rec = Recorder()
     rec.add("submit", 202, 3.0, 0.9)  # during the 10 s ramp
@@ -40,12 +40,16 @@ def test_steady_state_latency_starts_after_the_ramp_up():
     assert report["config"]["ramp_up_s"] == 10 and report["ok"]
 
 
+def loadtest_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loadtest", *args]
+
+
 def test_loadtest_command_runs_both_modes_on_the_real_topology(migrated_pg, redis_url, tmp_path):
     import subprocess
 
     common = ["--database-url", migrated_pg, "--broker-url", redis_url, "--api-workers", "2"]
     mixed = subprocess.run(
-        vitq_command("loadtest", *common, "--workers", "0", "--clients", "5", "--duration", "3",
+        loadtest_command(*common, "--workers", "0", "--clients", "5", "--duration", "3",
                      "--think", "0.2", "--keys", "3", "--ramp-up", "1", "--json", str(tmp_path / "mixed.json")),
         capture_output=True, text=True, timeout=180,
     )
@@ -54,7 +58,7 @@ def test_loadtest_command_runs_both_modes_on_the_real_topology(migrated_pg, redi
     assert report["ok"] and report["checks"]["one_job_per_key"] and report["config"]["ramp_up_s"] == 1
     assert report["endpoints"]["poll"]["requests"] > 0 and "GET /v1/jobs/{id}" in mixed.stdout
     drain = subprocess.run(
-        vitq_command("loadtest", *common, "--workers", "1", "--drain-jobs", "2", "--drain-timeout", "150",
+        loadtest_command(*common, "--workers", "1", "--drain-jobs", "2", "--drain-timeout", "150",
                      "--json", str(tmp_path / "drain.json")),
         capture_output=True, text=True, timeout=240,
     )

@@ -21,12 +21,12 @@ import httpx
 import numpy as np
 import pytest
 
+from loadtest.load import SMOKE_JOB
 from service.db import session_scope
 from service.storage import get_store
 from service.tables import ApiKey, Artifact
 from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
 from tests.service.helpers import start, stop, vitq_command, wait_http
-from vitq.loadtest import SMOKE_JOB
 from vitq.processes import free_port
 
 

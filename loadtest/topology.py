@@ -1,7 +1,7 @@
 """Start the production topology on this machine for benchmarks: `vitq api` (uvicorn) and N
 `vitq worker` processes (Celery) over an existing PostgreSQL and Redis.
 
-Why a module of its own: `vitq loadtest` and its test both need the same real processes that
+Why a module of its own: `vitq-loadtest` and its test both need the same real processes that
 `docker compose up` runs, started and stopped reliably (process groups, a per-run queue, a fresh
 tenant), without a Docker engine.
 """

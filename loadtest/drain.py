@@ -1,4 +1,4 @@
-"""`vitq loadtest --drain-jobs N`: queue N trivially quick jobs, watch `/metrics` while the workers
+"""`vitq-loadtest --drain-jobs N`: queue N trivially quick jobs, watch `/metrics` while the workers
 drain them, and check they ran in submission order.
 
 Why: the queue is the service's other load path. Jobs are submitted one after another (so their
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from vitq.loadtest import SMOKE_JOB, percentile
+from loadtest.load import SMOKE_JOB, percentile
 
 METRIC_RE = re.compile(r'^(vitq_queue_depth|vitq_jobs\{status="(\w+)"\}) ([0-9.e+]+)$', re.M)
 FINISHED = ("succeeded", "failed", "cancelled")

@@ -1,7 +1,7 @@
-"""The `vitq loadtest` verb: against ``--url``, or against the real topology it starts itself.
+"""``vitq-loadtest``: against ``--url``, or against the real topology it starts itself.
 
-Kept apart from ``vitq.service_cli`` so the benchmark's options and process handling do not crowd
-the everyday verbs.
+A command of its own, apart from ``vitq``, so the benchmark's options and process handling do not
+crowd the everyday verbs.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from typing import Any
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from vitq.loadtest import LoadConfig, print_report, run_load, write_json
-    from vitq.loadtest_drain import format_drain, run_drain
-    from vitq.topology import running_topology
+    from loadtest.drain import format_drain, run_drain
+    from loadtest.load import LoadConfig, print_report, run_load, write_json
+    from loadtest.topology import running_topology
 
     if args.url:
         from vitq.client import default_api_key
 
         key = args.api_key or default_api_key()
         if not key:
-            print("vitq loadtest: --url needs --api-key (or VITQ_API_KEY)", file=sys.stderr)
+            print("vitq-loadtest: --url needs --api-key (or VITQ_API_KEY)", file=sys.stderr)
             return 2
         context: Any = nullcontext(None)
     else:
@@ -32,7 +32,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         broker_url = args.broker_url or os.environ.get("VITQ_BROKER_URL")
         if not database_url or not broker_url:
             print(
-                "vitq loadtest: give --url (a running service) or --database-url and --broker-url "
+                "vitq-loadtest: give --url (a running service) or --database-url and --broker-url "
                 "(PostgreSQL and Redis; or VITQ_DATABASE_URL / VITQ_BROKER_URL) to start the topology",
                 file=sys.stderr,
             )
@@ -79,11 +79,11 @@ def _run_async(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def add_loadtest_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "loadtest",
-        help="load benchmark: concurrent idempotent submits + polling, or draining a queue of jobs",
-        description="Without --url, starts `vitq api` and `vitq worker` over --database-url/--broker-url.",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitq-loadtest",
+        description="Load benchmark: concurrent idempotent submits + polling, or draining a queue of jobs. "
+        "Without --url, starts `vitq api` and `vitq worker` over --database-url/--broker-url.",
     )
     p.add_argument("--url", help="a running service (default: start the topology)")
     p.add_argument("--api-key", help="key for --url (default $VITQ_API_KEY)")
@@ -101,4 +101,8 @@ def add_loadtest_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-jobs", type=int, default=0, help="instead: queue this many jobs and time the drain")
     p.add_argument("--drain-timeout", type=float, default=1800.0, help="give up watching the drain after (s)")
     p.add_argument("--json", help="write the report here")
-    p.set_defaults(func=cmd_loadtest)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cmd_loadtest(build_parser().parse_args(argv))

@@ -1,4 +1,4 @@
-"""`vitq loadtest`: concurrent clients mixing idempotent job submissions and status polling.
+"""`vitq-loadtest`: concurrent clients mixing idempotent job submissions and status polling.
 
 Why it exists: the service promises that retried submissions never create a second job and that
 polling stays fast while many clients wait on their jobs. This command measures both against a
@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from vitq.load_http import Connection, LoadHttpError
-from vitq.server_latency import scrape_buckets, server_side
+from loadtest.connection import Connection, LoadHttpError
+from loadtest.server_latency import scrape_buckets, server_side
 
 GOALS_MS = {"poll": 50.0, "submit": 150.0}
 SMOKE_JOB: dict[str, Any] = {
@@ -241,5 +241,5 @@ def print_report(report: dict[str, Any], json_path: str | None) -> int:
         write_json(json_path, report)
         print(f"wrote {json_path}")
     if not report["ok"]:
-        print("vitq loadtest: FAILED (errors or duplicated jobs; see above)", file=sys.stderr)
+        print("vitq-loadtest: FAILED (errors or duplicated jobs; see above)", file=sys.stderr)
     return 0 if report["ok"] else 1
