@@ -14,12 +14,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from core.archive import ArchiveLimits, check_tar_members, check_zip_members, safe_extract
-from core.data import IMAGE_SUFFIXES
+from core.data import IMAGE_SUFFIXES, inspect_dataset
 from core.errors import DatasetError
 from service.storage import ArtifactStore
 
@@ -180,6 +181,20 @@ def check_npz(path: Path, limits: Limits) -> None:
         raise ArchiveError(f"unreadable .npz: {exc}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ArchiveError(f"corrupt or truncated .npz: {exc}") from None
+
+
+def validate_upload(raw: Path, filename: str, workdir: Path, limits: Limits) -> tuple[str, Path, dict[str, Any]]:
+    """An uploaded dataset, checked before it is accepted: ``(format, checked path, core's description)``.
+    Raises ``ArchiveError`` or ``DatasetError`` with a message for the client."""
+    fmt = detect_format(filename, raw)
+    if fmt == "npz":
+        path = workdir / "data.npz"
+        raw.rename(path)
+        check_npz(path, limits)
+    else:
+        path = extract(raw, fmt, workdir / "extracted", limits)
+        check_images(path, limits.max_members)
+    return fmt, path, inspect_dataset(str(path))
 
 
 def materialize_dataset(

@@ -11,8 +11,8 @@ from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
 from api.schemas import DatasetPublic, DatasetsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
-from core import DatasetError, inspect_dataset
-from service.archives import ArchiveError, Limits, check_images, check_npz, detect_format, extract
+from core import DatasetError
+from service.archives import ArchiveError, Limits, validate_upload
 from service.tables import FINISHED_STATUSES, Dataset, Job, Model, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -44,15 +44,7 @@ def upload_dataset(
         raw = tmp / "upload"
         size = save_upload(file, raw, max_bytes=settings.max_upload_bytes)
         try:
-            fmt = detect_format(filename, raw)
-            if fmt == "npz":
-                path = tmp / "data.npz"
-                raw.rename(path)
-                check_npz(path, limits)
-            else:
-                path = extract(raw, fmt, tmp / "extracted", limits)
-                check_images(path, settings.max_archive_members)
-            info = inspect_dataset(str(path))
+            fmt, path, info = validate_upload(raw, filename, tmp, limits)
         except (ArchiveError, DatasetError) as exc:
             raise ApiError(422, "invalid_dataset", str(exc)) from None
         sha, _ = store.put_file(path if fmt == "npz" else raw)

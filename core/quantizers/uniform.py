@@ -1,8 +1,9 @@
 """Uniform asymmetric quantizer with MSE-searched percentile ranges, per tensor or per channel.
 
-The range search is vectorised over channels: each channel's values are sorted once and every
-candidate percentile pair is read off the sorted rows, so a ViT-B layer costs a few tensor ops,
-not a Python loop per channel.
+The range search is vectorised over channels: one ``topk`` per tail takes each channel's k smallest
+and k largest values (k is the deepest percentile asked for; no full sort), and every candidate
+percentile pair is read off those rows, so a ViT-B layer costs a few tensor ops, not a Python loop
+per channel.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from vitq.client import Client
 from vitq.processes import free_port
 
 pytestmark = pytest.mark.slow
-FINISHED: dict = {}
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -120,7 +119,8 @@ def test_serve_end_to_end(tmp_path):
         assert other.returncode == 2 and "404" in other.stderr  # another tenant's job
         results = _cli(cli_env, "results", "--model", model["id"], "--w-bits", "4")
         assert results.returncode == 0 and json.loads(results.stdout)[0]["job_id"] == job["id"]
-        FINISHED.update(checkpoint=ckpt, data=npz, report=report)
+        # core.load + core.evaluate on the downloaded checkpoint gives the report's top-1, exactly
+        assert_checkpoint_reproduces_report(ckpt, npz, report)
     finally:
         stop(serve)
         print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
@@ -135,13 +135,6 @@ def test_serve_end_to_end(tmp_path):
         except OSError:
             continue
     assert not leftovers, f"processes left running: {leftovers}"
-
-
-def test_serve_checkpoint_reproduces_report_top1():
-    """core.load + core.evaluate on the checkpoint downloaded from `vitq serve` gives the report's top-1."""
-    if not FINISHED:
-        pytest.fail("the serve end-to-end job did not finish (see the test above)")
-    assert_checkpoint_reproduces_report(FINISHED["checkpoint"], FINISHED["data"], FINISHED["report"])
 
 
 def test_serve_soft_time_limit_fails_the_job(tmp_path):
