@@ -73,6 +73,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.models import build_model, make_spec, resolve_model_spec
 
     target = args.target
+    if target.endswith(".onnx") and Path(target).is_file():
+        return _evaluate_onnx(target, args.data)
     if target.endswith(".safetensors") and Path(target).is_file():
         header = read_checkpoint_metadata(target)
         spec = make_spec({**header["model"], "checkpoint": None})
@@ -85,11 +87,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_onnx(target: str, data: str) -> int:
+    """A vitq ONNX file in ONNX Runtime (CPU), with the preprocessing its metadata records."""
+    from core import load_dataset
+    from core.export import ExportError, evaluate_onnx, read_onnx_metadata
+    from core.models import make_spec
+
+    meta = read_onnx_metadata(target)
+    if not isinstance(meta.get("model"), dict):
+        raise ExportError(f"{Path(target).name} has no vitq model metadata (was it written by vitq export?)")
+    spec = make_spec({**meta["model"], "checkpoint": None})
+    print(json.dumps(evaluate_onnx(target, load_dataset(data, spec.preprocess))))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from core.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote      {path} ({path.stat().st_size} bytes, {args.format})")
+    return 0
+
+
 def _run_bench(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
-    from vitq.bench import BenchSetup, markdown_table, run_rows, write_json
+    from vitq.bench import BenchSetup, markdown_table, run_rows, seeds_table, summarize_seeds, with_seeds, write_json
     from vitq.progress import ProgressBar
 
     setup = BenchSetup(args.model, args.preset, args.calib, args.eval, args.device, args.calib_size, args.iters)
+    rows = with_seeds(rows, args.seeds)
 
     def on_row(partial: dict[str, Any]) -> None:
         row = partial["results"][-1]
@@ -139,11 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_options(q)
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("evaluate", help="top-1/top-5 of a vitq checkpoint or a float model spec")
-    e.add_argument("target", help="checkpoint.safetensors, or a model spec (built-in id, JSON file, timm name)")
+    e = sub.add_parser("evaluate", help="top-1/top-5 of a vitq checkpoint, ONNX file or float model spec")
+    e.add_argument("target", help="checkpoint.safetensors, model.onnx (run in ONNX Runtime on the CPU), "
+                                  "or a model spec (built-in id, JSON file, timm name)")
     e.add_argument("--data", required=True)
     e.add_argument("--device")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="a vitq checkpoint as a deployable file (ONNX with QDQ and 4-bit weights)")
+    x.add_argument("checkpoint", help="checkpoint.safetensors")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    x.set_defaults(func=cmd_export)
 
     for name, func, help_text in (("bench", cmd_bench, "methods × bit widths table"),
                                   ("ablation", cmd_ablation, "I&S-ViT ablation: post-Softmax quantizer × SOS")):
