@@ -21,7 +21,7 @@ from service import lifecycle
 from service.db import session_scope
 from service.keys import create_key
 from service.tables import Artifact, Job, JobEvent, JobStatus, Report, new_id, utcnow
-from tests.service.helpers import REPO
+from tests.helpers import REPO
 
 STALE_S = 60
 

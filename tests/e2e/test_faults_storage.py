@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.service.factories import auth, write_npz
-from tests.service.fault_stack import FAST_JOB, Stack, stack_factory  # noqa: F401
-from tests.service.helpers import wait_for
+from tests.helpers import wait_for
+from tests.helpers.factories import auth, write_npz
+from tests.helpers.fault_stack import FAST_JOB, Stack, stack_factory  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

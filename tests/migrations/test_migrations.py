@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, inspect, text
 
 import migrations
 from service.tables import Base
-from tests.service.helpers import PG_ADMIN_URL
+from tests.helpers import PG_ADMIN_URL
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from service.db import dispose_all, session_scope
 from service.keys import create_key
-from tests.service.helpers import PG_ADMIN_URL, REDIS_URL, Service, WebhookReceiver, make_settings
+from tests.helpers import PG_ADMIN_URL, REDIS_URL, Service, WebhookReceiver, make_settings
 
 
 @pytest.fixture(scope="session")

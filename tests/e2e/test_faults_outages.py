@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.service.factories import auth
-from tests.service.fault_stack import FAST_JOB, isvit_job, stack_factory  # noqa: F401
-from tests.service.helpers import wait_for
-from tests.service.outage_servers import private_redis, system_postgres  # noqa: F401
+from tests.helpers import wait_for
+from tests.helpers.factories import auth
+from tests.helpers.fault_stack import FAST_JOB, isvit_job, stack_factory  # noqa: F401
+from tests.helpers.outage_servers import private_redis, system_postgres  # noqa: F401
 from worker.broker_inventory import pending_job_ids
 
 pytestmark = pytest.mark.slow

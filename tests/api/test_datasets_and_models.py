@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.service.factories import (
+from tests.helpers.factories import (
     BUILTIN_WEIGHTS,
     FMNIST_TIMM,
     auth,

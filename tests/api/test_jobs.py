@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.factories import auth
+from tests.helpers.factories import auth
 
 GOOD = {
     "model": "fmnist-vit-tiny",

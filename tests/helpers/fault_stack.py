@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from service.db import session_scope
 from service.keys import create_key
 from service.tables import Artifact, Job, JobEvent, Report
-from tests.service.helpers import start, stop, vitq_command, wait_for, wait_http
+from tests.helpers import start, stop, vitq_command, wait_for, wait_http
 from vitq.client import Client
 from vitq.processes import free_port
 

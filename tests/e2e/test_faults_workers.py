@@ -16,8 +16,8 @@ import pytest
 
 from loadtest.load import SMOKE_JOB
 from service.queue import RUN_JOB, celery_for
-from tests.service.fault_stack import FAST_JOB, FOREVER_JOB, isvit_job, stack_factory  # noqa: F401
-from tests.service.helpers import wait_for
+from tests.helpers import wait_for
+from tests.helpers.fault_stack import FAST_JOB, FOREVER_JOB, isvit_job, stack_factory  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -178,7 +178,7 @@ def test_reaper_fails_a_job_killed_by_the_hard_time_limit_as_timeout(service):
 
     from service.db import session_scope
     from service.tables import Job, utcnow
-    from tests.service.factories import auth
+    from tests.helpers.factories import auth
     from worker.reaper import reap_stale_jobs
     from worker.runner import claim
 

@@ -15,8 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, write_npz
-from tests.service.helpers import (
+from tests.helpers import (
     assert_checkpoint_reproduces_report,
     start,
     stop,
@@ -24,6 +23,7 @@ from tests.service.helpers import (
     wait_for,
     wait_http,
 )
+from tests.helpers.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, write_npz
 from vitq.client import Client
 from vitq.processes import free_port
 from worker.webhooks import verify

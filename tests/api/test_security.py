@@ -26,8 +26,8 @@ from loadtest.load import SMOKE_JOB
 from service.db import session_scope
 from service.storage import get_store
 from service.tables import ApiKey, Artifact
-from tests.service.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
-from tests.service.helpers import REPO, start, stop, vitq_command, wait_http
+from tests.helpers import REPO, start, stop, vitq_command, wait_http
+from tests.helpers.factories import BUILTIN_WEIGHTS, FMNIST_TIMM, auth, write_npz
 from vitq.processes import free_port
 
 

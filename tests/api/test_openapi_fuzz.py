@@ -7,7 +7,7 @@ from __future__ import annotations
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.service.factories import auth
+from tests.helpers.factories import auth
 
 EXAMPLES_PER_OPERATION = 25
 

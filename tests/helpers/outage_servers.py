@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import PG_ADMIN_URL
+from tests.helpers import PG_ADMIN_URL
 from vitq.processes import free_port
 
 
