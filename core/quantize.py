@@ -97,8 +97,8 @@ def _reconstruct_all(
         fp_out = run_unit(fp_model.get_submodule(name), fp_in, batch)
         base = u * config.iters
 
-        def on_step(step: int, base: int = base, name: str = name) -> None:
-            progress.done += 1
+        def on_step(step: int, base: int = base, name: str = name, done_before: int = progress.done) -> None:
+            progress.done = done_before + step + 1  # a skipped unit reports all its steps at once
             progress.emit(stage, name, base + step + 1, total)
 
         result = reconstruct_unit(

@@ -157,8 +157,7 @@ def reconstruct_unit(
     start = float(unit_loss(unit, held_in, held_out, max(batch_size, 64)))
     if start == 0.0:
         if on_step is not None:
-            for step in range(iters):
-                on_step(step)
+            on_step(iters - 1)
         return UnitResult(0.0, 0.0, skipped=True)
     saved = [p.detach().clone() for p in params]
     all_params = list(unit.parameters())

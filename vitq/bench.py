@@ -7,6 +7,7 @@ once and shared by every row, so rows differ only in how they quantize.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def run_rows(
         "fp_eval_seconds": round(fp_seconds, 2), "versions": library_versions(), "results": results,
     }
     for row in rows:
-        fields = {k: v for k, v in row.items() if k != "label"}
+        fields = {k: v for k, v in row.items() if k not in ("label", "arm")}
         fields.setdefault("preset", setup.preset)
         if setup.calib_size is not None:
             fields.setdefault("calib_size", setup.calib_size)
@@ -136,3 +137,40 @@ def ablation_rows(bits: int) -> list[dict[str, Any]]:
     rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "integer_exponent": False,
                  "label": "sulq (real-valued exponent), SOS on"})
     return rows
+
+
+def with_seeds(rows: list[dict[str, Any]], seeds: int) -> list[dict[str, Any]]:
+    """Each row once per seed (0 … seeds-1): the seed draws the calibration sample and the
+    reconstruction mini-batches, so the spread over seeds is the run-to-run noise of an arm."""
+    if seeds <= 1:
+        return rows
+    out = []
+    for row in rows:
+        arm = row.get("label") or f"{row.get('method', 'isvit')} W{row['w_bits']}A{row['a_bits']}"
+        out += [{**row, "seed": seed, "arm": arm, "label": f"{arm} (seed {seed})"} for seed in range(seeds)]
+    return out
+
+
+def summarize_seeds(report: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of top-1, agreement and logit SQNR, per arm."""
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for row, result in zip(rows, report["results"], strict=False):
+        arms.setdefault(row.get("arm", result["label"]), []).append(result)
+    summary = []
+    for arm, results in arms.items():
+        entry: dict[str, Any] = {"arm": arm, "seeds": [r["seed"] for r in results]}
+        for key in ("top1", "agreement", "logit_sqnr_db"):
+            values = [r[key] for r in results]
+            entry[key] = {"mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary.append(entry)
+    return summary
+
+
+def seeds_table(summary: list[dict[str, Any]]) -> str:
+    lines = ["| arm | seeds | top-1 (mean ± sd) | agreement with FP | logit SQNR (dB) |", "|---|---|---|---|---|"]
+    for s in summary:
+        t, a, q = s["top1"], s["agreement"], s["logit_sqnr_db"]
+        lines.append(f"| {s['arm']} | {len(s['seeds'])} | {100 * t['mean']:.2f} ± {100 * t['std']:.2f} | "
+                     f"{100 * a['mean']:.2f} ± {100 * a['std']:.2f} | {q['mean']:.2f} ± {q['std']:.2f} |")
+    return "\n".join(lines)

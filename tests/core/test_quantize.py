@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 from core import QuantConfig, quantize
 from core.errors import CancelledError, DatasetError
-from core.reconstruct import capture_unit_io, chain_links, run_unit
+from core.reconstruct import capture_unit_io, chain_links, holdout_split, reconstruct_unit, run_unit, unit_loss
 from core.wrap import find_units
 from tests.core.conftest import small_swin, small_vit
 
@@ -33,8 +35,13 @@ def test_progress_counts_every_step_of_both_stages_in_order():
     quantize(small_vit(), QuantConfig(w_bits=4, a_bits=4, preset="smoke", iters=3), _calib(), progress=events.append)
     steps = [e for e in events if e["stage"] in ("stage1", "stage3") and e["loss"] is None and e["index"]]
     units = 4  # patch_embed, 2 blocks, head
-    assert [e["done"] for e in steps] == list(range(1, 2 * units * 3 + 1))
+    done = [e["done"] for e in steps]
+    assert done == sorted(done) and done[-1] == 2 * units * 3
     assert all(e["total_steps"] == 2 * units * 3 for e in steps)
+    # stage 1's patch embedding has nothing quantized before it: skipped, its 3 steps reported at once
+    first = [e for e in steps if e["stage"] == "stage1" and e["unit"] == "patch_embed"]
+    assert [e["done"] for e in first] == [3]
+    assert done[1:] == list(range(4, 2 * units * 3 + 1))
     assert {e["stage"] for e in events} >= {"calibrate", "stage1", "stage2", "stage3"}
 
 
@@ -84,3 +91,40 @@ def test_evaluation_can_be_cancelled_between_batches():
     with pytest.raises(CancelledError, match="evaluation"):
         predict_logits(small_vit(), data, should_stop=stop_after_one_batch)
     assert polls["n"] == 2
+
+
+def _unit_data(seed=0):
+    torch.manual_seed(seed)
+    unit = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    target_net = copy.deepcopy(unit)
+    with torch.no_grad():
+        for p in target_net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(256, 8)
+    with torch.no_grad():
+        return unit, x, target_net(x)
+
+
+def test_reconstruction_keeps_trained_parameters_only_when_they_beat_the_start_on_held_out_images():
+    unit, x, y = _unit_data()
+    result = reconstruct_unit(unit, x, y, iters=60, batch_size=32, lr=1e-2, seed=0)
+    assert not result.reverted and result.loss_end < result.loss_start
+    assert result.loss_end == pytest.approx(float(unit_loss(unit, x[holdout_split(256, 0, x.device)[1]],
+                                                             y[holdout_split(256, 0, x.device)[1]], 64)))
+
+
+def test_reconstruction_that_makes_a_unit_worse_is_undone():
+    unit, x, y = _unit_data()
+    start = [p.detach().clone() for p in unit.parameters()]
+    result = reconstruct_unit(unit, x, y, iters=5, batch_size=32, lr=0.9, seed=0)  # a step size that diverges
+    assert result.reverted and result.loss_trained > result.loss_start == result.loss_end
+    assert all(torch.equal(p, q) for p, q in zip(unit.parameters(), start, strict=True))
+
+
+def test_a_unit_with_nothing_to_learn_is_skipped():
+    unit, x, _ = _unit_data()
+    with torch.no_grad():
+        y = unit(x)
+    steps = []
+    result = reconstruct_unit(unit, x, y, iters=10, batch_size=32, lr=1e-2, seed=0, on_step=steps.append)
+    assert result.skipped and result.loss_start == result.loss_end == 0.0 and steps == [9]
