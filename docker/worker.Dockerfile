@@ -19,10 +19,12 @@ WORKDIR /app
 RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu128
 COPY pyproject.toml alembic.ini ./
 COPY core ./core
+COPY service ./service
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
 COPY vitq ./vitq
+COPY loadtest ./loadtest
 RUN pip install .
 
 RUN useradd --create-home --uid 1001 vitq && mkdir -p /data && chown vitq /data

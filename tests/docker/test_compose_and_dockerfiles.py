@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,17 @@ def test_dockerfile(name, compose):
     known = {"FROM", "RUN", "ENV", "WORKDIR", "COPY", "USER", "EXPOSE", "HEALTHCHECK", "CMD", "ARG", "LABEL"}
     assert {k for k, _ in instructions} <= known
     assert instructions[0][0] == "FROM"
+    copied: set[str] = set()
     for keyword, rest in instructions:
         if keyword == "COPY":
             *sources, _dest = shlex.split(rest)
             for source in sources:
                 assert (REPO / source).exists(), f"{name}: COPY {source} does not exist"
+            copied.update(sources)
+    # every package pyproject.toml installs is in the image (a new top-level package must be copied)
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    missing = {p.rstrip("*") for p in packages["include"]} - copied
+    assert not missing, f"{name}: packages not copied: {sorted(missing)}"
     users = [rest for k, rest in instructions if k == "USER"]
     assert users and users[-1] not in ("root", "0"), "runs as root"
     cmd = [rest for k, rest in instructions if k == "CMD"][-1]
