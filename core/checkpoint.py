@@ -1,10 +1,12 @@
 """The quantized checkpoint: one safetensors file plus a JSON metadata header.
 
-Weights are stored as uint8 codes with their per-channel scale and zero point; every activation
-quantizer's parameters, the reparameterized LayerNorm/Linear parameters and everything else the
-model holds are stored as float tensors. ``load`` rebuilds the architecture from the header,
-wraps it exactly as ``quantize`` did, and restores every tensor, so it predicts exactly what the
-model behind the report predicted.
+Weights are stored as integer codes with their per-channel scale and zero point: below 8 bits the
+b-bit codes are bit-packed (``core.bitpack``: b bits per weight, two 4-bit codes per byte), at 8 bits
+one uint8 per weight with the weight's shape. Every activation quantizer's parameters, the
+reparameterized LayerNorm/Linear parameters and everything else the model holds are stored as float
+tensors. Format version 1 (every width unpacked, uint8 with the weight's shape) still loads.
+``load`` rebuilds the architecture from the header, wraps it exactly as ``quantize`` did, and
+restores every tensor, so it predicts exactly what the model behind the report predicted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.bitpack import pack_codes, unpack_codes
 from core.config import QuantConfig
 from core.errors import CheckpointError, VitqError
 from core.models import create_architecture, make_spec
@@ -32,8 +35,27 @@ from core.quantizers import ActQuantizer, UniformQuantizer
 from core.wrap import weight_layers, wrap_model
 
 FORMAT = "vitq-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: codes below 8 bits bit-packed (1-D uint8). 1: every code one uint8, with the weight's shape."""
+READABLE_VERSIONS = (1, 2)
+CODE_PACKING = "bitpack-lsb"
 _CODES = ".weight_codes"
+
+
+def stored_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The tensor a version-2 checkpoint stores for a weight's integer codes."""
+    if bits < 8:
+        return pack_codes(codes, bits)
+    return codes.to(torch.uint8).cpu().contiguous()
+
+
+def weight_codes(stored: torch.Tensor, bits: int, shape: torch.Size, format_version: int) -> torch.Tensor:
+    """The uint8 codes (with the weight's ``shape``) from what a checkpoint of ``format_version`` stores."""
+    if format_version >= 2 and bits < 8:
+        return unpack_codes(stored, bits, shape)
+    if tuple(stored.shape) != tuple(shape):
+        raise ValueError(f"codes have shape {tuple(stored.shape)}, the weight {tuple(shape)}")
+    return stored
 
 
 def library_versions() -> dict[str, str]:
@@ -55,12 +77,13 @@ def save(qmodel: QuantizedModel, path: str | Path, metadata: dict[str, Any] | No
         wq = layer.weight_quantizer
         if not bool(wq.initialized):
             raise CheckpointError(f"{name}: weight quantizer was never initialised")
-        tensors[name + _CODES] = wq.codes(layer.weight.detach()).to(torch.uint8).cpu().contiguous()
+        tensors[name + _CODES] = stored_codes(wq.codes(layer.weight.detach()).to(torch.uint8), wq.bits)
         weight_names.add(name + ".weight")
     for key, value in model.state_dict().items():
         if key not in weight_names:
             tensors[key] = value.detach().cpu().clone().contiguous()
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": qmodel.config.to_dict(),
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "code_packing": CODE_PACKING,
+              "config": qmodel.config.to_dict(),
               "versions": library_versions(), **(metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
@@ -85,7 +108,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raise CheckpointError(f"{Path(path).name} is not a vitq checkpoint (no 'vitq' metadata)")
     header = json.loads(raw)
-    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
+    if header.get("format") != FORMAT or header.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"unsupported checkpoint format {header.get('format')} v{header.get('format_version')}")
     return header
 
@@ -132,9 +155,15 @@ def load(path: str | Path) -> nn.Module:
         for key, value in tensors.items():
             if key.endswith(_CODES):
                 name = key[: -len(_CODES)]
+                layer = layers[name]
+                try:
+                    codes = weight_codes(value, layer.weight_quantizer.bits, layer.weight.shape,
+                                         header["format_version"])
+                except ValueError as exc:
+                    raise CheckpointError(f"{key}: {exc}") from None
                 scale = tensors[name + ".weight_quantizer.scale"]
                 zero = tensors[name + ".weight_quantizer.zero_point"]
-                _set_tensor(model, name + ".weight", scale * (value.float() - zero))
+                _set_tensor(model, name + ".weight", scale * (codes.float() - zero))
             else:
                 _set_tensor(model, key, value)
     for _, module in model.named_modules():

@@ -22,6 +22,7 @@ from core.config import ACT_INIT_IMAGES, Preset, QuantConfig
 from core.data import load_dataset
 from core.device import resolve_device
 from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
+from core.export.artifacts import DEFAULT_EXPORTS, check_exports, fp32_parameter_bytes, write_exports
 from core.models import ModelSpec, build_model, resolve_model_spec
 from core.quantize import ProgressFn, StopFn, quantize
 from core.wrap import weight_layers
@@ -86,13 +87,17 @@ def run_quantization(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     device: str | torch.device | None = None,
+    exports: tuple[str, ...] | list[str] = DEFAULT_EXPORTS,
 ) -> dict[str, Any]:
-    """Quantize and evaluate; write ``checkpoint.safetensors`` and ``report.json``; return the report."""
+    """Quantize and evaluate; write ``checkpoint.safetensors``, ``report.json`` and each of ``exports``
+    (``"onnx"``: ``model.onnx``; an export that fails is recorded in the report, not raised); return
+    the report."""
     started = time.perf_counter()
     spec = resolve_model_spec(model_spec)
     dev = resolve_device(device)
     requested_preset = config.preset
     config = config.for_device(dev.type).resolved()
+    exports = check_exports(exports)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -163,6 +168,15 @@ def run_quantization(
         "fp": fp_metrics, "quant": quant_metrics,
     })
     seconds["save"] = time.perf_counter() - t0
+    if exports:
+        emit("export")
+        t0 = time.perf_counter()
+    report["exports"] = write_exports(qmodel.model, out, exports, report, calib_ds.fingerprint)
+    if exports:
+        seconds["export"] = time.perf_counter() - t0
+    report["sizes"] = {"fp32_parameters_bytes": fp32_parameter_bytes(model),
+                       "checkpoint_bytes": (out / "checkpoint.safetensors").stat().st_size,
+                       "onnx_bytes": report["exports"].get("onnx", {}).get("bytes")}
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     write_json_atomic(out / "report.json", report)

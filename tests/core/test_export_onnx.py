@@ -1,6 +1,7 @@
 """ONNX export: ONNX Runtime computes what the fake-quantized PyTorch model computes, for every
 quantizer kind, ViT and Swin, 2 to 8 bits; the file is valid, batch-dynamic, small and labelled."""
 
+import hashlib
 import json
 from collections import Counter
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from core import QuantConfig, evaluate, load, load_dataset, quantize, save
+from core import QuantConfig, evaluate, load, load_dataset, quantize, run_quantization, save
+from core.errors import InvalidConfigError
 from core.export import export_onnx, read_onnx_metadata, session
+from core.export.artifacts import write_exports
 from core.models import build_model, resolve_model_spec
 from core.quantizers import SULQ, Log2Quantizer, LogSqrt2Quantizer
 from core.wrap import quantizers, weight_layers
@@ -250,3 +253,48 @@ def test_cli_refuses_an_onnx_file_without_vitq_metadata(tmp_path, capsys):
     path.write_bytes(b"not onnx")
     assert cli_main(["evaluate", str(path), "--data", "fashion-mnist:test:8"]) == 2
     assert "not a readable ONNX file" in capsys.readouterr().err
+
+
+TINY_SPEC = {"timm_name": "vit_tiny_patch16_224",
+             "timm_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 1},
+             "preprocess": {"mean": [0.286], "std": [0.353]}}
+TINY_CONFIG = QuantConfig(w_bits=4, a_bits=4, method="ptq-uniform", preset="smoke", calib_size=16)
+
+
+@pytest.fixture(scope="module")
+def calib_npz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(path, x=np.random.default_rng(0).integers(0, 256, (16, 28, 28), dtype=np.uint8))
+    return str(path)
+
+
+def test_a_run_writes_model_onnx_and_reports_its_digest_and_the_sizes(tmp_path, calib_npz):
+    report = run_quantization(TINY_SPEC, TINY_CONFIG, calib_npz, None, tmp_path)
+    entry = report["exports"]["onnx"]
+    data = (tmp_path / "model.onnx").read_bytes()
+    assert entry["file"] == "model.onnx" and entry["bytes"] == len(data)
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    sizes = report["sizes"]
+    assert sizes["onnx_bytes"] == len(data)
+    assert sizes["checkpoint_bytes"] == (tmp_path / "checkpoint.safetensors").stat().st_size
+    assert sizes["checkpoint_bytes"] < 0.3 * sizes["fp32_parameters_bytes"]
+    assert json.loads((tmp_path / "report.json").read_text())["exports"] == report["exports"]
+    assert read_onnx_metadata(tmp_path / "model.onnx")["method"] == "ptq-uniform"
+
+
+def test_exports_can_be_turned_off(tmp_path, calib_npz):
+    off = run_quantization(TINY_SPEC, TINY_CONFIG, calib_npz, None, tmp_path, exports=[])
+    assert off["exports"] == {} and off["sizes"]["onnx_bytes"] is None
+    assert (tmp_path / "checkpoint.safetensors").is_file() and not (tmp_path / "model.onnx").exists()
+
+
+def test_a_failed_export_is_recorded_not_raised_and_leaves_no_file(tmp_path):
+    results = write_exports(torch.nn.Linear(2, 2), tmp_path, ["onnx"], {"w_bits": 4})
+    assert results == {"onnx": {"error": "ExportError: cannot tell the model's input size (no patch_embed.img_size)"}}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_export_format_is_refused_before_any_work(tmp_path, calib_npz):
+    with pytest.raises(InvalidConfigError, match="unknown export format 'tflite'"):
+        run_quantization(TINY_SPEC, TINY_CONFIG, calib_npz, None, tmp_path, exports=["tflite"])
+    assert not (tmp_path / "checkpoint.safetensors").exists()

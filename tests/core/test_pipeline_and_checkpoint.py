@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core import QuantConfig, evaluate, load, load_dataset, read_checkpoint_metadata, run_quantization
+from core.bitpack import unpack_codes
 from core.data import _read_idx
 from core.errors import CheckpointError
 from core.models import Preprocess
@@ -65,8 +66,9 @@ def test_checkpoint_stores_uint8_codes_and_metadata(isvit_run):
     assert header["quant"]["top1"] == report["quant"]["top1"] and header["calibration_sha256"]
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-        codes = f.get_tensor("blocks.0.attn.qkv.weight_codes")
-        assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+        packed = f.get_tensor("blocks.0.attn.qkv.weight_codes")  # 4-bit codes, two per byte
+        assert packed.dtype == torch.uint8 and packed.numel() == 576 * 192 // 2
+        assert int(unpack_codes(packed, 4, (576, 192)).max()) <= 15
     assert "blocks.0.attn.qkv.weight" not in keys
     assert {"blocks.0.attn.matmul.attn_quantizer.eta", "blocks.0.attn.matmul.attn_quantizer.t_min",
             "blocks.0.attn.qkv.weight_quantizer.scale", "blocks.0.norm1.weight"} <= keys
