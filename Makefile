@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install test lint demo bench ablation clean
+.PHONY: install test lint imports demo bench ablation clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+imports: install
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/import_graph.py
 
 demo: install
 	$(BIN)/python -m vitq.demo
