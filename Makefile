@@ -47,8 +47,8 @@ bench: install
 	  --eval fashion-mnist:test --json bench-out/bench.json
 
 ablation: install
-	$(BIN)/vitq ablation --model fmnist-vit-tiny --preset quick --iters 20 --bits 3 \
-	  --calib fashion-mnist:train:1024 --eval fashion-mnist:test:2000 --json bench-out/ablation-fast.json
+	$(BIN)/vitq ablation --model fmnist-vit-tiny --preset quick --iters 20 --bits 3 --seeds 3 \
+	  --calib fashion-mnist:train:1024 --eval fashion-mnist:test --json bench-out/ablation-seeds.json
 
 clean:
 	rm -rf $(VENV) .vitq bench-out

@@ -28,7 +28,7 @@ class JobOptions(BaseModel):
     batch_size: StrictInt | None = Field(None, ge=1, le=4096)
     seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
     lr: float | None = Field(None, gt=0, lt=1)
-    softmax_quantizer: Literal["sulq", "log2", "logsqrt2", "uniform"] | None = None
+    softmax_quantizer: Literal["sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform"] | None = None
     sos: bool | None = None
 
 

@@ -31,6 +31,9 @@ class Method(StrEnum):
 class SoftmaxQuantizer(StrEnum):
     """Quantizer for post-Softmax activations (input A of ``attn @ v``)."""
 
+    SULQ_OR_LOGSQRT2 = "sulq-or-logsqrt2"
+    """isvit's default: per layer, SULQ or log√2, whichever has the smaller calibration MSE
+    (SULQ's integer exponents are one level per octave; at 6 bits log√2's half octaves fit better)."""
     SULQ = "sulq"
     LOG2 = "log2"
     LOGSQRT2 = "logsqrt2"
@@ -59,7 +62,7 @@ class CalibrationOrder(StrEnum):
 
 
 DEFAULT_SOFTMAX = {
-    Method.ISVIT: SoftmaxQuantizer.SULQ,
+    Method.ISVIT: SoftmaxQuantizer.SULQ_OR_LOGSQRT2,
     Method.REPQ: SoftmaxQuantizer.LOGSQRT2,
     Method.PTQ_UNIFORM: SoftmaxQuantizer.UNIFORM,
 }

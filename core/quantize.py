@@ -21,7 +21,8 @@ from core.calibrate import calibrate_activations, init_weight_quantizers
 from core.config import ACT_INIT_IMAGES, CalibrationOrder, Method, QuantConfig
 from core.device import resolve_device
 from core.errors import CancelledError, DatasetError
-from core.reconstruct import capture_unit_io, chain_links, reconstruct_unit, run_unit
+from core.quantizers import LogSqrt2Quantizer, SelectQuantizer
+from core.reconstruct import capture_unit_io, chain_links, holdout_split, reconstruct_unit, run_unit
 from core.reparameterize import reparameterize
 from core.wrap import find_units, set_quant_state, wrap_model
 
@@ -38,6 +39,7 @@ class QuantizedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     reconstruction: list[dict[str, Any]] = field(default_factory=list)
     reparam_logit_change: float | None = None
+    baseline_check: dict[str, Any] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -71,6 +73,7 @@ def _reconstruct_all(
     progress: _Progress,
     should_stop: StopFn | None,
     inputs_from_fp: bool,
+    choose_softmax: bool = False,
 ) -> list[dict[str, Any]]:
     """Reconstruct every unit in forward order.
 
@@ -80,6 +83,7 @@ def _reconstruct_all(
     """
     units = find_units(model)
     links = chain_links(fp_model, units, images[:2])
+    split = holdout_split(images.shape[0], config.seed, images.device)
     total = len(units) * config.iters
     log = []
     batch = max(config.batch_size, 64)
@@ -104,10 +108,12 @@ def _reconstruct_all(
         result = reconstruct_unit(
             model.get_submodule(name), q_in, fp_out, iters=config.iters, batch_size=config.batch_size,
             lr=config.lr, seed=config.seed * 1000 + u, on_step=on_step, should_stop=should_stop,
+            choose_softmax=choose_softmax, split=split,
         )
         progress.emit(stage, name, base + config.iters, total, loss=result.loss_end)
         log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end,
-                    "loss_trained": result.loss_trained, "reverted": result.reverted, "skipped": result.skipped})
+                    "loss_trained": result.loss_trained, "reverted": result.reverted, "skipped": result.skipped,
+                    **({"softmax_quantizers": result.softmax_choice} if result.softmax_choice else {})})
     return log
 
 
@@ -162,13 +168,15 @@ def quantize(
         set_quant_state(qmodel, weights=True, activations=False)
     calibrate_activations(qmodel, init_images, in_forward_order=in_forward_order)
     set_quant_state(qmodel, weights=False, activations=False)
+    baseline = _without_reconstruction(qmodel) if config.method == Method.ISVIT else None
     _check_stop(should_stop)
     lap("calibrate")
 
     if config.method == Method.ISVIT and config.sos:
         set_quant_state(qmodel, weights=False, activations=True)
         result.reconstruction += _reconstruct_all(
-            "stage1", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=True
+            "stage1", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=True,
+            choose_softmax=True,
         )
         lap("stage1")
         result.reparam_logit_change = _reparameterize_measured(qmodel, init_images)
@@ -189,11 +197,53 @@ def quantize(
         lap("weights")
         if config.method == Method.ISVIT:
             result.reconstruction += _reconstruct_all(
-                "reconstruct", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False
+                "reconstruct", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False,
+                choose_softmax=True,
             )
             lap("reconstruct")
+    if baseline is not None:
+        _keep_the_better(result, baseline, fp_model, images)
+        lap("baseline_check")
     result.seconds["total"] = sum(result.seconds.values())
     return result
+
+
+@torch.no_grad()
+def _without_reconstruction(calibrated: nn.Module) -> nn.Module:
+    """The calibrated model finished without any reconstruction, log√2 wherever a post-Softmax
+    quantizer may choose it: for the default isvit this is exactly RepQ-ViT's model (same quantizers,
+    same calibration images, same lossless stage 2, weights initialised after it)."""
+    model = copy.deepcopy(calibrated)
+    for module in model.modules():
+        if isinstance(module, SelectQuantizer):
+            kinds = [isinstance(c, LogSqrt2Quantizer) for c in module.candidates]
+            if any(kinds):
+                module.choice.fill_(kinds.index(True))
+    set_quant_state(model, weights=False, activations=True)
+    reparameterize(model)
+    init_weight_quantizers(model)
+    set_quant_state(model, weights=True, activations=True)
+    return model
+
+
+@torch.no_grad()
+def _keep_the_better(result: QuantizedModel, baseline: nn.Module, fp_model: nn.Module, images: torch.Tensor) -> None:
+    """isvit never returns a model worse than RepQ-ViT's: compare both with the float model's logits
+    on the calibration images that no unit was optimised on, and keep the better one."""
+    _, held = holdout_split(images.shape[0], result.config.seed, images.device)
+    held_images = images[held]
+    reference = torch.cat([fp_model(x) for x in held_images.split(64)])
+
+    def logit_mse(model: nn.Module) -> float:
+        logits = torch.cat([model(x) for x in held_images.split(64)])
+        return float((logits - reference).double().pow(2).mean())
+
+    reconstructed, plain = logit_mse(result.model), logit_mse(baseline)
+    kept = "reconstructed" if reconstructed <= plain else "baseline"
+    if kept == "baseline":
+        result.model = baseline
+    result.baseline_check = {"kept": kept, "heldout_images": int(held.numel()),
+                             "logit_mse": {"reconstructed": reconstructed, "baseline": plain}}
 
 
 @torch.no_grad()

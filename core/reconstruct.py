@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.errors import CancelledError
+from core.quantizers import SelectQuantizer
 
 
 class _StopForward(Exception):
@@ -110,6 +111,7 @@ class UnitResult:
     loss_trained: float | None = None
     reverted: bool = False
     skipped: bool = False
+    softmax_choice: dict[str, str] | None = None
 
 
 def holdout_split(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +132,27 @@ def unit_loss(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     return total / inputs.shape[0]
 
 
+@torch.no_grad()
+def choose_softmax_quantizers(
+    unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
+) -> dict[str, str]:
+    """For every ``SelectQuantizer`` in the unit, in order, keep the candidate with the smaller unit
+    loss: the objective SOS optimises, measured on the held-out images, rather than the MSE of the
+    attention map (which favours log√2's finer top octaves even where SULQ's tail serves ``A @ V``
+    better)."""
+    chosen = {}
+    for name, quantizer in unit.named_modules():
+        if not isinstance(quantizer, SelectQuantizer):
+            continue
+        losses = []
+        for index in range(len(quantizer.candidates)):
+            quantizer.choice.fill_(index)
+            losses.append(float(unit_loss(unit, inputs, targets, batch_size)))
+        quantizer.choice.fill_(min(range(len(losses)), key=losses.__getitem__))
+        chosen[name] = type(quantizer.chosen).__name__
+    return chosen
+
+
 def reconstruct_unit(
     unit: nn.Module,
     inputs: torch.Tensor,
@@ -141,24 +164,30 @@ def reconstruct_unit(
     seed: int,
     on_step: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    choose_softmax: bool = False,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> UnitResult:
     """Optimise one unit, then keep its new parameters only if they beat the starting ones on
     held-out calibration images (a unit never leaves a stage worse than it entered it).
 
     A unit whose held-out loss is already zero (stage 1's patch embedding: nothing before it is
-    quantized) has nothing to learn and is skipped.
+    quantized) has nothing to learn and is skipped. With ``choose_softmax`` the unit's post-Softmax
+    quantizers first pick their candidate on the same held-out images. ``split`` (train, held-out
+    indices) defaults to a split of its own; a stage passes one split to all its units, so the
+    held-out images are never trained on by any unit.
     """
+    device = inputs.device
+    train_idx, held_idx = split if split is not None else holdout_split(inputs.shape[0], seed, device)
+    held_in, held_out = inputs[held_idx], targets[held_idx]
+    choice = choose_softmax_quantizers(unit, held_in, held_out, max(batch_size, 64)) if choose_softmax else None
     params = trainable_parameters(unit)
     if iters <= 0 or not params:
-        return UnitResult(math.nan, math.nan, skipped=True)
-    device = inputs.device
-    train_idx, held_idx = holdout_split(inputs.shape[0], seed, device)
-    held_in, held_out = inputs[held_idx], targets[held_idx]
+        return UnitResult(math.nan, math.nan, skipped=True, softmax_choice=choice)
     start = float(unit_loss(unit, held_in, held_out, max(batch_size, 64)))
     if start == 0.0:
         if on_step is not None:
             on_step(iters - 1)
-        return UnitResult(0.0, 0.0, skipped=True)
+        return UnitResult(0.0, 0.0, skipped=True, softmax_choice=choice)
     saved = [p.detach().clone() for p in params]
     all_params = list(unit.parameters())
     saved_flags = [p.requires_grad for p in all_params]
@@ -190,8 +219,8 @@ def reconstruct_unit(
         optimizer.zero_grad(set_to_none=True)
     trained = float(unit_loss(unit, held_in, held_out, max(batch_size, 64)))
     if trained < start:
-        return UnitResult(start, trained, loss_trained=trained)
+        return UnitResult(start, trained, loss_trained=trained, softmax_choice=choice)
     with torch.no_grad():
         for p, value in zip(params, saved, strict=True):
             p.copy_(value)
-    return UnitResult(start, start, loss_trained=trained, reverted=True)
+    return UnitResult(start, start, loss_trained=trained, reverted=True, softmax_choice=choice)

@@ -19,7 +19,7 @@ from core.config import Method, QuantConfig, SoftmaxQuantizer
 from core.errors import ModelSpecError
 from core.quant_attention import QuantAttention, QuantWindowAttention, _MatmulQuantizers
 from core.quant_linear import QuantConv2d, QuantLinear
-from core.quantizers import SULQ, ActQuantizer, Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
+from core.quantizers import SULQ, ActQuantizer, Log2Quantizer, LogSqrt2Quantizer, SelectQuantizer, UniformQuantizer
 
 UNIT_TYPES = (Block, SwinTransformerBlock, PatchMerging)
 """Modules reconstructed as one unit by SOS; the patch embedding and loose Linears are units too."""
@@ -32,6 +32,8 @@ _POST_LN_PAIRS = {
 
 
 def softmax_quantizer(kind: SoftmaxQuantizer, bits: int, integer_exponent: bool) -> ActQuantizer:
+    if kind == SoftmaxQuantizer.SULQ_OR_LOGSQRT2:
+        return SelectQuantizer([SULQ(bits, integer_exponent=integer_exponent), LogSqrt2Quantizer(bits)])
     if kind == SoftmaxQuantizer.SULQ:
         return SULQ(bits, integer_exponent=integer_exponent)
     if kind == SoftmaxQuantizer.LOG2:
@@ -117,9 +119,10 @@ def wrap_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
-    """Every activation quantizer (weight quantizers excluded)."""
+    """Every activation quantizer (weight quantizers, and the candidates inside a ``SelectQuantizer``,
+    excluded)."""
     for name, module in model.named_modules():
-        if isinstance(module, ActQuantizer) and not name.endswith("weight_quantizer"):
+        if isinstance(module, ActQuantizer) and not name.endswith("weight_quantizer") and ".candidates." not in name:
             yield name, module
 
 

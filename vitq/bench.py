@@ -89,6 +89,7 @@ def run_rows(
             "integer_exponent": config.integer_exponent, "iters": config.iters, "calib_size": int(calib.shape[0]),
             "seed": config.seed, "preset": config.preset.value,
             "units_reverted": sum(1 for r in qmodel.reconstruction if r.get("reverted")),
+            "kept": (qmodel.baseline_check or {}).get("kept"), "reparam_logit_change": qmodel.reparam_logit_change,
             "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"], "agreement": metrics["agreement"],
             "logit_sqnr_db": metrics["logit_sqnr_db"], "drop": fp["top1"] - metrics["top1"],
             "reconstruction_units": len({r["unit"] for r in qmodel.reconstruction}),
@@ -129,13 +130,17 @@ def method_rows(bits: list[int], methods: list[str]) -> list[dict[str, Any]]:
 
 
 def ablation_rows(bits: int) -> list[dict[str, Any]]:
+    """The I&S-ViT ablation: post-Softmax quantizer with SOS on, the two SULQ arms with SOS off, and
+    SULQ's real-valued exponent."""
     rows = []
-    for sos in (True, False):
-        for softmax in ("sulq", "log2", "logsqrt2", "uniform"):
-            rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": softmax, "sos": sos,
-                         "label": f"{softmax}, SOS {'on' if sos else 'off'}"})
-    rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "integer_exponent": False,
-                 "label": "sulq (real-valued exponent), SOS on"})
+    for softmax in ("sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform"):
+        rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": softmax, "sos": True,
+                     "label": f"{softmax}, SOS on"})
+    for softmax in ("sulq-or-logsqrt2", "sulq"):
+        rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": softmax, "sos": False,
+                     "label": f"{softmax}, SOS off"})
+    rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": "sulq",
+                 "integer_exponent": False, "label": "sulq (real-valued exponent), SOS on"})
     return rows
 
 

@@ -28,7 +28,8 @@ def _str_list(text: str) -> list[str]:
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="quick", choices=["paper", "quick", "smoke"])
+    p.add_argument("--preset", default="auto", choices=["auto", "paper", "quick", "smoke"],
+                   help="auto (default): paper on an accelerator, quick on a CPU")
     p.add_argument("--iters", type=int, help="reconstruction iterations per unit per stage (overrides preset)")
     p.add_argument("--calib-size", type=int, help="calibration images used (overrides preset)")
     p.add_argument("--device", help="torch device (default: the accelerator if present, else cpu)")
@@ -125,6 +126,9 @@ def _run_bench(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
     report = run_rows(setup, rows, progress_factory=lambda label: ProgressBar(label, disable=args.quiet),
                       on_row=on_row)
     print(markdown_table(report))
+    if args.seeds > 1:
+        report["summary"] = summarize_seeds(report, rows)
+        print("\n" + seeds_table(report["summary"]))
     if args.json:
         write_json(args.json, report)
         print(f"\nwrote {args.json}")
@@ -157,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--batch-size", type=int)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--softmax-quantizer", choices=["sulq", "log2", "logsqrt2", "uniform"])
+    q.add_argument("--softmax-quantizer", choices=["sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform"],
+                   help="post-Softmax quantizer (isvit default: sulq-or-logsqrt2, chosen per layer)")
     q.add_argument("--no-sos", action="store_true", help="ablation: one reconstruction stage instead of three")
     q.add_argument("--real-exponent", action="store_true", help="ablation: SULQ without integer exponents")
     q.add_argument("--quiet", action="store_true")
@@ -185,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--eval", required=True)
         b.add_argument("--json", help="write the results as JSON here")
         b.add_argument("--quiet", action="store_true")
+        b.add_argument("--seeds", type=int, default=1,
+                       help="run every row with seeds 0..N-1 and print mean ± standard deviation per row")
         _add_quant_options(b)
         if name == "bench":
             b.add_argument("--bits", type=_int_list, default=[3, 4, 6])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.quant_linear import QuantConv2d, QuantLinear
-from core.quantizers import SULQ, ActQuantizer, Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer
+from core.quantizers import SULQ, ActQuantizer, Log2Quantizer, LogSqrt2Quantizer, SelectQuantizer, UniformQuantizer
 
 _INV_LN2 = 1.0 / math.log(2.0)
 _TINY = 1e-20
@@ -251,6 +251,8 @@ def export_quantizer(quantizer: ActQuantizer | None) -> nn.Module | None:
     """The export module for an activation quantizer; None (identity) where it is off or absent."""
     if quantizer is None or not quantizer.enabled:
         return None
+    if isinstance(quantizer, SelectQuantizer):  # the candidate that calibration chose for this layer
+        quantizer = quantizer.chosen
     if isinstance(quantizer, UniformQuantizer):
         return ExportUniformPerChannel(quantizer) if quantizer.per_channel else ExportUniform(quantizer)
     if isinstance(quantizer, SULQ):

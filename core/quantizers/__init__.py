@@ -6,6 +6,7 @@ calibrated once, frozen during reconstruction, and saved in the checkpoint as th
 
 from core.quantizers.base import ActQuantizer, round_ste
 from core.quantizers.log2 import Log2Quantizer, LogSqrt2Quantizer
+from core.quantizers.select import SelectQuantizer
 from core.quantizers.sulq import SULQ
 from core.quantizers.uniform import UniformQuantizer, mse_range_search
 
@@ -17,4 +18,5 @@ __all__ = [
     "Log2Quantizer",
     "LogSqrt2Quantizer",
     "SULQ",
+    "SelectQuantizer",
 ]

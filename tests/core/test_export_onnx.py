@@ -16,7 +16,7 @@ from core.errors import InvalidConfigError
 from core.export import export_onnx, read_onnx_metadata, session
 from core.export.artifacts import write_exports
 from core.models import build_model, resolve_model_spec
-from core.quantizers import SULQ, Log2Quantizer, LogSqrt2Quantizer
+from core.quantizers import SULQ, Log2Quantizer, LogSqrt2Quantizer, SelectQuantizer
 from core.wrap import quantizers, weight_layers
 from tests.core.conftest import small_swin, small_vit
 from vitq.cli import main as cli_main
@@ -175,7 +175,7 @@ def test_weights_are_integer_initializers_feeding_dequantize_linear(exported):
 def test_activation_quantizers_are_qdq_at_8_bits_and_exact_subgraphs_below(exported):
     _, config, model, path = exported
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-    acts = [q for _, q in quantizers(model) if q.enabled]
+    acts = [q.chosen if isinstance(q, SelectQuantizer) else q for _, q in quantizers(model) if q.enabled]
     logs = [q for q in acts if isinstance(q, SULQ | Log2Quantizer | LogSqrt2Quantizer)]
     # every quantizer is one QuantizeLinear (QDQ) or one Round (fake-quant subgraph, log code)
     assert ops["QuantizeLinear"] + ops["Round"] == len(acts)

@@ -70,7 +70,9 @@ def test_checkpoint_stores_uint8_codes_and_metadata(isvit_run):
         assert packed.dtype == torch.uint8 and packed.numel() == 576 * 192 // 2
         assert int(unpack_codes(packed, 4, (576, 192)).max()) <= 15
     assert "blocks.0.attn.qkv.weight" not in keys
-    assert {"blocks.0.attn.matmul.attn_quantizer.eta", "blocks.0.attn.matmul.attn_quantizer.t_min",
+    softmax = "blocks.0.attn.matmul.attn_quantizer"  # SULQ and log√2 candidates, and the per-layer choice
+    assert {f"{softmax}.candidates.0.eta", f"{softmax}.candidates.0.t_min", f"{softmax}.candidates.1.scale",
+            f"{softmax}.choice",
             "blocks.0.attn.qkv.weight_quantizer.scale", "blocks.0.norm1.weight"} <= keys
 
 

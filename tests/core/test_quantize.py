@@ -128,3 +128,22 @@ def test_a_unit_with_nothing_to_learn_is_skipped():
     steps = []
     result = reconstruct_unit(unit, x, y, iters=10, batch_size=32, lr=1e-2, seed=0, on_step=steps.append)
     assert result.skipped and result.loss_start == result.loss_end == 0.0 and steps == [9]
+
+
+def test_isvit_keeps_whichever_of_its_reconstruction_and_repqs_model_fits_held_out_images_better():
+    calib = _calib(64)
+    config = QuantConfig(w_bits=3, a_bits=3, preset="smoke", iters=4, calib_size=64)
+    isvit = quantize(small_vit(), config, calib)
+    check = isvit.baseline_check
+    assert check["heldout_images"] == 8
+    mse = check["logit_mse"]
+    assert check["kept"] == ("reconstructed" if mse["reconstructed"] <= mse["baseline"] else "baseline")
+    # the baseline is exactly RepQ-ViT's model: same held-out error as a repq run on the same images
+    repq = quantize(small_vit(), QuantConfig(w_bits=3, a_bits=3, method="repq", preset="smoke", calib_size=64), calib)
+    fp = small_vit()
+    held = calib[holdout_split(64, 0, calib.device)[1]]
+    with torch.no_grad():
+        repq_mse = float((repq.model(held) - fp(held)).double().pow(2).mean())
+        kept_mse = float((isvit.model(held) - fp(held)).double().pow(2).mean())
+    assert repq_mse == pytest.approx(mse["baseline"], rel=1e-5)
+    assert kept_mse == pytest.approx(min(mse.values()), rel=1e-5) and kept_mse <= repq_mse * (1 + 1e-5)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from core.quantizers import SULQ, Log2Quantizer, LogSqrt2Quantizer, UniformQuantizer, mse_range_search
+from core.quantizers import SULQ, Log2Quantizer, LogSqrt2Quantizer, SelectQuantizer, UniformQuantizer, mse_range_search
 from core.quantizers.sulq import ETA_GRID
 from core.quantizers.uniform import WEIGHT_PERCENTILES, fake_quant
 
@@ -173,3 +173,53 @@ def test_zero_points_outside_the_code_range_still_quantize_correctly():
     t.calibrate(w.flatten())
     t.enabled = True
     assert torch.allclose(t(w), fake_quant(w, t.scale, t.zero_point, 4), atol=1e-6)
+
+
+def _softmax_maps(bits_scale: float = 3.0) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.softmax(torch.randn(4, 3, 50, 50) * bits_scale, dim=-1)
+
+
+def test_select_quantizer_keeps_the_candidate_with_the_smaller_calibration_mse():
+    x = _softmax_maps()
+    select = SelectQuantizer([SULQ(4), LogSqrt2Quantizer(4)])
+    select.calibrating = True
+    assert torch.equal(select(x), x)  # calibration passes the tensor through
+    select.calibrating = False
+    errors = []
+    for candidate in (SULQ(4), LogSqrt2Quantizer(4)):
+        candidate.calibrate(x)
+        errors.append((candidate.quantize(x) - x).pow(2).mean().item())
+    assert int(select.choice) == min(range(2), key=errors.__getitem__)
+    select.enabled = True
+    assert all(c.enabled for c in select.candidates)  # the candidates follow the switch
+    assert torch.equal(select(x), select.chosen.quantize(x))
+
+
+def test_stage1_picks_the_post_softmax_quantizer_by_the_units_own_loss():
+    from core.calibrate import calibrate_activations
+    from core.config import QuantConfig
+    from core.reconstruct import choose_softmax_quantizers, run_unit, unit_loss
+    from core.wrap import set_quant_state, wrap_model
+    from tests.core.conftest import small_vit
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 28, 28)
+    fp = small_vit()
+    model = wrap_model(small_vit(), QuantConfig(w_bits=3, a_bits=3))
+    calibrate_activations(model, x)
+    set_quant_state(model, weights=False, activations=True)
+    block = model.blocks[0]
+    select = block.attn.matmul.attn_quantizer
+    assert isinstance(select, SelectQuantizer)
+    with torch.no_grad():
+        inputs = model.patch_embed(x)
+        inputs = torch.cat([model.cls_token.expand(32, -1, -1), inputs], dim=1) + model.pos_embed
+        targets = run_unit(fp.blocks[0], inputs, 16)
+    losses = []
+    for index in range(2):
+        select.choice.fill_(index)
+        losses.append(float(unit_loss(block, inputs, targets, 16)))
+    chosen = choose_softmax_quantizers(block, inputs, targets, 16)
+    assert int(select.choice) == min(range(2), key=losses.__getitem__)
+    assert chosen == {"attn.matmul.attn_quantizer": type(select.chosen).__name__}
