@@ -16,6 +16,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = timm.create_model(TIMM_NAME, pretrained=False, **TIMM_KWARGS)
     train = load_dataset(args.train, PREPROCESS)
-    labels = torch.as_tensor(train.labels, dtype=torch.int64)
+    labels = torch.as_tensor(np.array(train.labels), dtype=torch.int64)
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1)
@@ -73,8 +74,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     spec = {"timm_name": TIMM_NAME, "timm_kwargs": TIMM_KWARGS, "checkpoint": "model.safetensors",
-            "preprocess": PREPROCESS.to_dict(), "fp_top1_test": top1, "epochs": args.epochs, "seed": args.seed,
-            "train_seconds": round(time.perf_counter() - started, 1)}
+            "preprocess": PREPROCESS.to_dict(), "fp_top1_test": top1,
+            "training": f"scripts/train_fmnist_vit.py --epochs {args.epochs} --train {args.train} --batch-size "
+                        f"{args.batch_size} --lr {args.lr} --seed {args.seed}: AdamW wd 0.05, one-cycle lr, label "
+                        f"smoothing 0.1, horizontal flips; {time.perf_counter() - started:.0f} s"}
     (out / "model.json").write_text(json.dumps(spec, indent=1))
     print(f"test top-1 {100 * top1:.2f}; wrote {out}/model.json")
 
