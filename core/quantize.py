@@ -24,7 +24,7 @@ from core.errors import CancelledError, DatasetError
 from core.quantizers import LogSqrt2Quantizer, SelectQuantizer
 from core.reconstruct import capture_unit_io, chain_links, holdout_split, reconstruct_unit, run_unit
 from core.reparameterize import reparameterize
-from core.wrap import find_units, set_quant_state, wrap_model
+from core.wrap import find_ln_pairs, find_units, set_quant_state, wrap_model
 
 ProgressFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
@@ -39,6 +39,7 @@ class QuantizedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     reconstruction: list[dict[str, Any]] = field(default_factory=list)
     reparam_logit_change: float | None = None
+    reparam_codes: dict[str, int] | None = None
     baseline_check: dict[str, Any] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,7 @@ def quantize(
             choose_softmax=True,
         )
         lap("stage1")
-        result.reparam_logit_change = _reparameterize_measured(qmodel, init_images)
+        result.reparam_logit_change, result.reparam_codes = _reparameterize_measured(qmodel, init_images)
         tracker.emit("stage2", "", 1, 1)
         lap("stage2")
         init_weight_quantizers(qmodel)
@@ -190,7 +191,7 @@ def quantize(
         lap("stage3")
     else:
         if config.method in (Method.ISVIT, Method.REPQ):
-            result.reparam_logit_change = _reparameterize_measured(qmodel, init_images)
+            result.reparam_logit_change, result.reparam_codes = _reparameterize_measured(qmodel, init_images)
             lap("reparameterize")
         init_weight_quantizers(qmodel)
         set_quant_state(qmodel, weights=True, activations=True)
@@ -247,12 +248,28 @@ def _keep_the_better(result: QuantizedModel, baseline: nn.Module, fp_model: nn.M
 
 
 @torch.no_grad()
-def _reparameterize_measured(model: nn.Module, images: torch.Tensor) -> float:
-    """Apply stage 2 and return the relative logit change it causes with the current quantizers on.
+def _reparameterize_measured(model: nn.Module, images: torch.Tensor) -> tuple[float, dict[str, int]]:
+    """Apply stage 2; return the relative logit change it causes with the current quantizers on, and
+    how many post-LayerNorm activation codes it changed on the same LayerNorm inputs.
 
-    Mathematically zero with quantizers off; with them on, only the non-integer z̃ moves it.
+    With the integer z̃ every code is the channel-wise one in exact arithmetic; in float32 a value
+    within about 1e-6 of a rounding boundary can still land on the other side (a handful in 10^7 on
+    the bundled model), and a 3- or 4-bit model carries such a flip on to its logits.
     """
-    before = model(images)
+    pairs = find_ln_pairs(model)
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [ln.register_forward_pre_hook(lambda m, a: inputs.__setitem__(id(m), a[0])) for ln, _ in pairs]
+    try:
+        before = model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    codes_before = [linear.input_quantizer.codes(ln(inputs[id(ln)])) for ln, linear in pairs]
     reparameterize(model)
     after = model(images)
-    return float((after - before).norm() / before.norm().clamp_min(1e-12))
+    changed = total = 0
+    for (ln, linear), codes in zip(pairs, codes_before, strict=True):
+        changed += int((linear.input_quantizer.codes(ln(inputs[id(ln)])) != codes).sum())
+        total += codes.numel()
+    change = float((after - before).norm() / before.norm().clamp_min(1e-12))
+    return change, {"changed": changed, "total": total}
