@@ -130,15 +130,20 @@ def method_rows(bits: list[int], methods: list[str]) -> list[dict[str, Any]]:
     return [{"w_bits": b, "a_bits": b, "method": m} for b in bits for m in methods]
 
 
-def ablation_rows(bits: int) -> list[dict[str, Any]]:
-    """The I&S-ViT ablation: each post-Softmax quantizer with SOS on (vitq's per-layer choice among
-    them), and SULQ with SOS off (one reconstruction stage)."""
+ABLATION_ARMS = ("sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform", "sulq-sos-off")
+"""Post-Softmax quantizer with SOS on (vitq's per-layer choice, then each quantizer alone), and SULQ
+with SOS off (one reconstruction stage)."""
+
+
+def ablation_rows(bits: int, arms: list[str] | None = None) -> list[dict[str, Any]]:
+    """The I&S-ViT ablation rows, for ``arms`` (default: all of ``ABLATION_ARMS``)."""
     rows = []
-    for softmax in ("sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform"):
-        rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": softmax, "sos": True,
-                     "label": f"{softmax}, SOS on"})
-    rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": "sulq", "sos": False,
-                 "label": "sulq, SOS off"})
+    for arm in arms or ABLATION_ARMS:
+        if arm not in ABLATION_ARMS:
+            raise ValueError(f"unknown ablation arm {arm!r}; choose from {', '.join(ABLATION_ARMS)}")
+        softmax, sos = arm.removesuffix("-sos-off"), not arm.endswith("-sos-off")
+        rows.append({"w_bits": bits, "a_bits": bits, "method": "isvit", "softmax_quantizer": softmax, "sos": sos,
+                     "label": f"{softmax}, SOS {'on' if sos else 'off'}"})
     return rows
 
 

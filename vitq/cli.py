@@ -144,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_ablation(args: argparse.Namespace) -> int:
     from vitq.bench import ablation_rows
 
-    return _run_bench(args, ablation_rows(args.bits))
+    return _run_bench(args, ablation_rows(args.bits, args.arms))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--methods", type=_str_list, default=["isvit", "repq", "ptq-uniform"])
         else:
             b.add_argument("--bits", type=int, default=3)
+            b.add_argument("--arms", type=_str_list, help="comma-separated subset of: sulq-or-logsqrt2, sulq, log2, "
+                                                          "logsqrt2, uniform, sulq-sos-off (default: all)")
         b.set_defaults(func=func)
 
     if importlib.util.find_spec("vitq.server_cli") is not None:
