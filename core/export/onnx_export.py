@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import ml_dtypes
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -32,8 +32,9 @@ from core.export.graph_modules import to_export_modules
 OPSET = 21
 """ONNX opset: 21 adds int4/uint4 to QuantizeLinear/DequantizeLinear."""
 TRACE_OPSET = 20
-"""The TorchScript exporter's newest opset; ops in the graph are unchanged from 20 to 21 (which only
-adds 4-bit types), so the file is declared opset 21 after the 4-bit rewrite."""
+"""The opset the graph is traced at. Every op it uses is unchanged from 20 to 21 (21 adds 4-bit and
+other types to QuantizeLinear, DequantizeLinear, Cast, Reshape, …), so after the 4-bit rewrite the
+file is declared opset 21 and the full checker verifies it as such."""
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 METADATA_PREFIX = "vitq."
 
@@ -54,8 +55,10 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _as_uint4(tensor: TensorProto) -> TensorProto:
+    """The same values as uint4, in ``raw_data``: two per byte, low nibble first (a value list would be
+    stored as varints, about 1.5 bytes per pair)."""
     array = numpy_helper.to_array(tensor)
-    return helper.make_tensor(tensor.name, TensorProto.UINT4, array.shape, array.astype(np.uint8).flatten().tolist())
+    return numpy_helper.from_array(array.astype(ml_dtypes.uint4), tensor.name)
 
 
 def _pack_weights_4bit(graph: onnx.GraphProto, names: set[str]) -> int:

@@ -166,7 +166,10 @@ def test_weights_are_integer_initializers_feeding_dequantize_linear(exported):
     # a channel whose range misses 0 has a zero point outside the code range: int8/int16 hold it
     assert kinds[expected] >= len(weight_dq) - 1, kinds
     for node in weight_dq:
-        assert inits[node.input[2]].data_type == inits[node.input[0]].data_type
+        codes = inits[node.input[0]]
+        assert inits[node.input[2]].data_type == codes.data_type
+        if codes.data_type == TensorProto.UINT4:  # packed two per byte, not a list of varints
+            assert len(codes.raw_data) == (int(np.prod(codes.dims)) + 1) // 2
     float_matrices = [t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
                       and min(t.dims) > 16]
     assert not float_matrices, [t.name for t in float_matrices]
