@@ -50,6 +50,13 @@ class JobCreate(BaseModel):
         None, min_length=1, max_length=300, description="Evaluation data (optional): " + DATA_REF_DOC
     )
     options: JobOptions = Field(default_factory=JobOptions)
+    exports: list[Literal["onnx"]] = Field(
+        default_factory=lambda: ["onnx"],
+        max_length=1,
+        description="Deployable files besides the checkpoint: `onnx` (`model.onnx`: QDQ, 4-bit weights as "
+        "uint4, opset 21). `[]` turns it off. A failed export does not fail the job; the report and the "
+        "job's events say why the file is missing.",
+    )
     webhook_url: str | None = Field(
         None,
         max_length=2000,
@@ -87,6 +94,9 @@ class JobResult(BaseModel):
     seconds: float | None = None
     checkpoint_sha256: str | None = None
     checkpoint_bytes: int | None = None
+    onnx_sha256: str | None = None
+    onnx_bytes: int | None = None
+    export_error: str | None = Field(None, description="Why `model.onnx` is missing, where its export failed.")
 
 
 class WebhookDelivery(BaseModel):

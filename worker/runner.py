@@ -31,7 +31,7 @@ from service.lifecycle import Lease
 from service.progress import EtaEstimator, percent
 from service.settings import Settings
 from service.storage import StorageError, get_store
-from service.tables import Artifact, Job, JobErrorCode, JobStatus, Report, utcnow
+from service.tables import Artifact, Job, JobErrorCode, JobEvent, JobStatus, Report, utcnow
 from worker.memory import release_memory
 from worker.report_html import render_report_html
 
@@ -40,7 +40,11 @@ CONTENT_TYPES = {
     "checkpoint.safetensors": "application/octet-stream",
     "report.json": "application/json",
     "report.html": "text/html; charset=utf-8",
+    "model.onnx": "application/octet-stream",
 }
+OPTIONAL_ARTIFACTS = {"model.onnx"}
+"""Left out when the job turned the export off (``"exports": []``) or the export failed (the report and
+the job's events say why); the job still succeeds with its checkpoint."""
 
 
 def worker_name() -> str:
@@ -169,6 +173,8 @@ def _result_rows(
     (out / "report.html").write_text(render_report_html(report, job_id=job.job_id), encoding="utf-8")
     artifacts: list[Artifact] = []
     for name, content_type in CONTENT_TYPES.items():
+        if name in OPTIONAL_ARTIFACTS and not (out / name).is_file():
+            continue
         sha, size = store.put_file(out / name)
         artifacts.append(
             Artifact(job_id=job.job_id, name=name, sha256=sha, size_bytes=size, content_type=content_type)
@@ -194,7 +200,10 @@ def _result_rows(
         report=report,
     )
     checkpoint = artifacts[0]
-    return artifacts, row, _summary(report, checkpoint.sha256, checkpoint.size_bytes)
+    summary = _summary(report, checkpoint.sha256, checkpoint.size_bytes)
+    onnx = (report.get("exports") or {}).get("onnx") or {}
+    summary.update(onnx_sha256=onnx.get("sha256"), onnx_bytes=onnx.get("bytes"), export_error=onnx.get("error"))
+    return artifacts, row, summary
 
 
 @dataclass(frozen=True)
@@ -208,6 +217,7 @@ class JobInputs:
     config: dict[str, Any]
     calibration: str
     evaluation: str | None
+    exports: tuple[str, ...] = ("onnx",)
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
@@ -236,7 +246,7 @@ def run_job(
         row = session.get(Job, job_id)
         assert row is not None  # claimed a moment ago
         job = JobInputs(row.id, row.tenant_id, row.model_key, row.model_spec, row.config, row.calibration,
-                        row.evaluation)
+                        row.evaluation, tuple((row.request or {}).get("exports", ("onnx",))))
     scratch = Path(tempfile.mkdtemp(prefix=f"vitq-{job_id}-"))
     limits = Limits(max_members=settings.max_archive_members, max_bytes=settings.max_archive_bytes)
     try:
@@ -260,6 +270,7 @@ def run_job(
                     out_dir=scratch / "out",
                     progress=monitor.progress,
                     should_stop=monitor.should_stop,
+                    exports=job.exports,
                 )
             except CancelledError:
                 if monitor.lost.is_set() and not monitor.cancel.is_set():
@@ -301,6 +312,11 @@ def run_job(
         if not won:
             log.warning("job %s was re-queued, taken over or ended while it finished; its results are dropped", job_id)
             return None
+        if summary.get("export_error"):
+            log.warning("job %s: model.onnx not written: %s", job_id, summary["export_error"])
+            with session_scope(db_url) as session:
+                session.add(JobEvent(job_id=job_id, kind="export_failed",
+                                     message=f"model.onnx was not written: {summary['export_error']}"))
         return JobStatus.SUCCEEDED.value
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

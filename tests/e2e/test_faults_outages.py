@@ -46,7 +46,7 @@ def test_redis_restart_loses_no_job_the_reaper_resends_from_the_database(
     for job in [running, *queued, after]:
         done = stack.wait_finished(job, timeout=240)
         assert done.status == "succeeded" and done.attempts == 1, (job, done.status, done.error_message)
-        assert stack.outputs(job) == (3, 1)
+        assert stack.outputs(job) == (4, 1)
         kinds = [kind for kind, _ in stack.events(job)]
         assert kinds.count("started") == 1 and kinds.count("succeeded") == 1
     for job in queued:  # each lost message sent again exactly once, by the reaper, from the row
@@ -144,7 +144,7 @@ def test_postgres_restart_is_503_not_500_and_recovers_without_losing_rows(
     # a 503'd POST retried with its key creates exactly one job, a 202'd one replays the same job
     done = stack.wait_finished(job, timeout=240)
     assert done.status == "succeeded" and done.attempts == 1, (done.status, done.error_message)
-    assert stack.outputs(job) == (3, 1)
+    assert stack.outputs(job) == (4, 1)
     for key, job_id in traffic.created.items():
         assert stack.row(job_id).status in ("queued", "running", "succeeded")
         replay = httpx.post(

@@ -85,7 +85,7 @@ def test_full_artifact_disk_fails_the_job_clearly_and_serves_nothing_partial(
     assert done.status == "succeeded" and done.worker == failed.worker
     ckpt = client.download_artifact(nxt, "checkpoint.safetensors", tmp_path)
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == done.result["checkpoint_sha256"]
-    assert len(_store_is_whole(store)) == 3
+    assert len(_store_is_whole(store)) == 4  # checkpoint, report.json, report.html, model.onnx
 
 
 def _multipart(path: Path) -> tuple[bytes, str]:

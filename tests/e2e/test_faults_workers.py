@@ -38,7 +38,7 @@ def test_worker_killed_in_stage1_is_rerun_then_failed_at_the_attempt_limit(stack
     assert done.status == "succeeded" and done.attempts == 2, (done.status, done.error_message)
     kinds = [kind for kind, _ in stack.events(job)]
     assert kinds.count("started") == 2 and kinds.count("requeued") == 1 and kinds.count("succeeded") == 1
-    assert stack.outputs(job) == (3, 1)  # one set of artifacts, one report: stored once
+    assert stack.outputs(job) == (4, 1)  # one set of artifacts, one report: stored once
 
     # the same fault with the attempt limit reached: failed with the reason, not re-run, not `running`
     doomed = client.submit_job(**FOREVER_JOB)["id"]
@@ -77,7 +77,7 @@ def test_two_workers_and_a_twice_delivered_message_run_the_job_once(stack_factor
     assert all(_handled(stack.log(n)) for n in ("worker1", "worker2")), "both workers got a delivery"
     kinds = [kind for kind, _ in stack.events(job)]
     assert kinds.count("started") == 1 and kinds.count("succeeded") == 1
-    assert stack.outputs(job) == (3, 1)
+    assert stack.outputs(job) == (4, 1)
     assert first.poll() is None and second.poll() is None
     report = client.download_artifact(job, "report.json", stack.data_dir / "report.json")
     assert json.loads(report.read_text())["threads"] == 1  # the pool child took its share, not every core
@@ -104,7 +104,7 @@ def test_time_limit_fails_the_job_frees_memory_and_the_worker_takes_the_next(sta
     nxt = client.submit_job(**FAST_JOB)["id"]
     done = stack.wait_finished(nxt, timeout=180)
     assert done.status == "succeeded" and done.worker == timed_out.worker  # the same pool process
-    assert stack.outputs(slow) == (0, 0) and stack.outputs(nxt) == (3, 1)
+    assert stack.outputs(slow) == (0, 0) and stack.outputs(nxt) == (4, 1)
     print(f"pool child RSS: {peak:.0f} MB at most while running, {after:.0f} MB after the timeout")
     assert after < peak, (peak, after)
 

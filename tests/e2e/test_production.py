@@ -125,10 +125,13 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path, receiver):
     assert 0 <= result["quant_top1"] <= 1 and 0 <= result["fp_top1"] <= 1
 
     artifacts = {a["name"]: a for a in client.list_artifacts(done["id"])}
-    assert set(artifacts) == {"checkpoint.safetensors", "report.json", "report.html"}
+    assert set(artifacts) == {"checkpoint.safetensors", "report.json", "report.html", "model.onnx"}
     ckpt = client.download_artifact(done["id"], "checkpoint.safetensors", tmp_path)
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert sha == artifacts["checkpoint.safetensors"]["sha256"] == result["checkpoint_sha256"]
+    onnx_file = client.download_artifact(done["id"], "model.onnx", tmp_path)
+    onnx_sha = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    assert onnx_sha == artifacts["model.onnx"]["sha256"] == result["onnx_sha256"]
     report_path = client.download_artifact(done["id"], "report.json", tmp_path)
     html = client.download_artifact(done["id"], "report.html", tmp_path).read_text()
     assert html.count("<svg") == 3 and "Per-layer SQNR" in html

@@ -107,6 +107,7 @@ def test_serve_end_to_end(tmp_path):
         assert downloaded.returncode == 0, downloaded.stderr
         assert sorted(Path(p).name for p in downloaded.stdout.split()) == [
             "checkpoint.safetensors",
+            "model.onnx",
             "report.html",
             "report.json",
         ]

@@ -112,7 +112,7 @@ class Stack:
         return [(kind, message) for kind, message in rows]
 
     def outputs(self, job_id: str) -> tuple[int, int]:
-        """(artifact rows, report rows) of a job: (3, 1) for a job that succeeded exactly once."""
+        """(artifact rows, report rows) of a job: (4, 1) for a job that succeeded exactly once (model.onnx included)."""
         with session_scope(self.database_url) as session:
             artifacts = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
             reports = session.scalar(select(func.count()).select_from(Report).where(Report.job_id == job_id))
