@@ -41,7 +41,7 @@ class Topology:
 
 
 def _vitq(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vitq.cli", *args]
+    return [sys.executable, "-m", "vitq.server_cli", *args]
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
