@@ -199,7 +199,7 @@ def _result_rows(
         seconds_total=(report.get("seconds") or {}).get("total"),
         report=report,
     )
-    checkpoint = artifacts[0]
+    checkpoint = next(a for a in artifacts if a.name == "checkpoint.safetensors")
     summary = _summary(report, checkpoint.sha256, checkpoint.size_bytes)
     onnx = (report.get("exports") or {}).get("onnx") or {}
     summary.update(onnx_sha256=onnx.get("sha256"), onnx_bytes=onnx.get("bytes"), export_error=onnx.get("error"))
