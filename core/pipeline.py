@@ -154,7 +154,7 @@ def run_quantization(
         "fp": fp_metrics,
         "quant": quant_metrics,
         "reparam_logit_change": qmodel.reparam_logit_change,
-        "reparam_codes_changed": qmodel.reparam_codes,
+        "reparam_float32": qmodel.reparam_float32,
         "baseline_check": qmodel.baseline_check,
         "reconstruction": qmodel.reconstruction,
         "layers": layers,

@@ -39,7 +39,7 @@ class QuantizedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     reconstruction: list[dict[str, Any]] = field(default_factory=list)
     reparam_logit_change: float | None = None
-    reparam_codes: dict[str, int] | None = None
+    reparam_float32: dict[str, Any] | None = None
     baseline_check: dict[str, Any] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ def quantize(
             choose_softmax=True,
         )
         lap("stage1")
-        result.reparam_logit_change, result.reparam_codes = _reparameterize_measured(qmodel, init_images)
+        result.reparam_logit_change, result.reparam_float32 = _reparameterize_measured(qmodel, init_images)
         tracker.emit("stage2", "", 1, 1)
         lap("stage2")
         init_weight_quantizers(qmodel)
@@ -191,7 +191,7 @@ def quantize(
         lap("stage3")
     else:
         if config.method in (Method.ISVIT, Method.REPQ):
-            result.reparam_logit_change, result.reparam_codes = _reparameterize_measured(qmodel, init_images)
+            result.reparam_logit_change, result.reparam_float32 = _reparameterize_measured(qmodel, init_images)
             lap("reparameterize")
         init_weight_quantizers(qmodel)
         set_quant_state(qmodel, weights=True, activations=True)
@@ -247,15 +247,27 @@ def _keep_the_better(result: QuantizedModel, baseline: nn.Module, fp_model: nn.M
                              "logit_mse": {"reconstructed": reconstructed, "baseline": plain}}
 
 
-@torch.no_grad()
-def _reparameterize_measured(model: nn.Module, images: torch.Tensor) -> tuple[float, dict[str, int]]:
-    """Apply stage 2; return the relative logit change it causes with the current quantizers on, and
-    how many post-LayerNorm activation codes it changed on the same LayerNorm inputs.
+def _relative_change(after: torch.Tensor, before: torch.Tensor) -> float:
+    return float((after.double() - before.double()).norm() / before.double().norm().clamp_min(1e-30))
 
-    With the integer z̃ every code is the channel-wise one in exact arithmetic; in float32 a value
-    within about 1e-6 of a rounding boundary can still land on the other side (a handful in 10^7 on
-    the bundled model), and a 3- or 4-bit model carries such a flip on to its logits.
+
+@torch.no_grad()
+def _reparameterize_measured(model: nn.Module, images: torch.Tensor) -> tuple[float, dict[str, Any]]:
+    """Apply stage 2; return the relative logit change it causes with the current quantizers on
+    (measured on a float64 copy, where only the method can move the logits), and the float32 record.
+
+    With the integer z̃ every code is the channel-wise one in exact arithmetic. In float32 the folded
+    LayerNorm and bias round differently, a value within about 1e-6 of a rounding boundary can land
+    on the other side, and a 3- or 4-bit model carries such a flip on to its logits; the record puts
+    that beside the float32 model's own rounding noise (float32 against float64, before stage 2).
     """
+    exact = copy.deepcopy(model).double()
+    images64 = images.double()
+    before64 = exact(images64)
+    reparameterize(exact)
+    change64 = _relative_change(exact(images64), before64)
+    del exact
+
     pairs = find_ln_pairs(model)
     inputs: dict[int, torch.Tensor] = {}
     handles = [ln.register_forward_pre_hook(lambda m, a: inputs.__setitem__(id(m), a[0])) for ln, _ in pairs]
@@ -271,5 +283,6 @@ def _reparameterize_measured(model: nn.Module, images: torch.Tensor) -> tuple[fl
     for (ln, linear), codes in zip(pairs, codes_before, strict=True):
         changed += int((linear.input_quantizer.codes(ln(inputs[id(ln)])) != codes).sum())
         total += codes.numel()
-    change = float((after - before).norm() / before.norm().clamp_min(1e-12))
-    return change, {"changed": changed, "total": total}
+    return change64, {"logit_change_float32": _relative_change(after, before),
+                      "float32_rounding_noise": _relative_change(before, before64),
+                      "codes_changed": changed, "codes": total}

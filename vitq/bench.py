@@ -90,7 +90,7 @@ def run_rows(
             "seed": config.seed, "preset": config.preset.value,
             "units_reverted": sum(1 for r in qmodel.reconstruction if r.get("reverted")),
             "kept": (qmodel.baseline_check or {}).get("kept"), "reparam_logit_change": qmodel.reparam_logit_change,
-            "reparam_codes_changed": qmodel.reparam_codes,
+            "reparam_float32": qmodel.reparam_float32,
             "top1": metrics["top1"], "top5": metrics["top5"], "n": metrics["n"], "agreement": metrics["agreement"],
             "logit_sqnr_db": metrics["logit_sqnr_db"], "drop": fp["top1"] - metrics["top1"],
             "reconstruction_units": len({r["unit"] for r in qmodel.reconstruction}),

@@ -150,8 +150,10 @@ class UniformQuantizer(ActQuantizer):
                 self._host = (math.nan, math.nan, fusable)
             else:
                 self._host = (float(self.scale), float(z), fusable)
-                # 1/s in float32, as the fused kernel computes it, not in float64.
-                self._host_inverse = float(1.0 / self.scale.float())
+                # 1/s in float32, as the fused kernel computes it, not in float64 (a float64 model, as
+                # stage 2's exactness check runs, keeps float64 throughout).
+                scale = self.scale if self.scale.dtype == torch.float64 else self.scale.float()
+                self._host_inverse = float(1.0 / scale)
             self._host_source = (self.scale, self.zero_point, versions)
         return self._host
 

@@ -109,3 +109,16 @@ def test_stage2_with_the_papers_mean_zero_point_is_not_lossless():
         linear.input_quantizer.zero_point = linear.input_quantizer.zero_point + 0.3  # z̃ = mean(z) + 0.3: fractional
     reparameterize(model)
     assert ((model(x) - before).norm() / before.norm()).item() > 1e-3
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_the_reported_stage2_change_is_exactly_zero_in_float64_and_float32_noise_is_reported_beside_it(bits):
+    from core import quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 28, 28)
+    q = quantize(small_vit(), QuantConfig(w_bits=bits, a_bits=bits, preset="smoke", iters=1), x)
+    assert q.reparam_logit_change <= 1e-12
+    record = q.reparam_float32
+    assert record["codes"] == 2 * 2 * 32 * 50 * 192 and 0 <= record["codes_changed"] <= record["codes"] * 1e-4
+    assert record["logit_change_float32"] >= 0 and record["float32_rounding_noise"] >= 0
