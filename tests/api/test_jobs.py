@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core import QuantConfig
 from tests.helpers.factories import auth
 
 GOOD = {
@@ -54,7 +55,10 @@ def test_create_read_list_cancel(service):
     assert created.headers["location"] == f"/v1/jobs/{job['id']}"
     assert created.headers["retry-after"] == "2"
     assert job["status"] == "queued" and job["error"] is None and job["result"] is None
-    assert job["config"]["iters"] == 2 and job["config"]["softmax_quantizer"] == "sulq"
+    # the resolved config is stored: the preset's and the method's defaults filled in, as core resolves them
+    resolved = QuantConfig(w_bits=GOOD["w_bits"], a_bits=GOOD["a_bits"], method=GOOD.get("method", "isvit"),
+                           preset=GOOD["preset"], **GOOD.get("options", {})).resolved().to_dict()
+    assert job["config"]["iters"] == 2 and job["config"]["softmax_quantizer"] == resolved["softmax_quantizer"]
 
     read = c.get(f"/v1/jobs/{job['id']}", headers=h)
     assert read.status_code == 200 and read.json()["id"] == job["id"]
