@@ -180,7 +180,8 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--w-bits", type=int, required=True)
     p.add_argument("--a-bits", type=int, required=True)
     p.add_argument("--method", default="isvit")
-    p.add_argument("--preset", default="quick")
+    p.add_argument("--preset", default="auto", choices=["auto", "paper", "quick", "smoke"],
+                   help="auto (default): paper on a GPU worker, quick on a CPU one")
     p.add_argument("--calibration", "--calib", default="fashion-mnist:train:1024")
     p.add_argument("--evaluation", "--eval", default=None)
     p.add_argument("--iters", type=int, default=None)
