@@ -99,6 +99,7 @@ def export_onnx(
     four_bit = {
         f"{name}.codes" for name, module in export_model.named_modules()
         if hasattr(module, "codes") and getattr(module, "bits", 8) <= 4 and module.codes.dtype == torch.uint8
+        and int(module.zero_point.max()) <= 15  # a channel entirely below 0 has z > 2^b - 1: it stays uint8
     }
     dummy = torch.zeros(2, *(input_shape or _input_shape(model)))
     buffer = io.BytesIO()

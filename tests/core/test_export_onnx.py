@@ -301,3 +301,23 @@ def test_an_unknown_export_format_is_refused_before_any_work(tmp_path, calib_npz
     with pytest.raises(InvalidConfigError, match="unknown export format 'tflite'"):
         run_quantization(TINY_SPEC, TINY_CONFIG, calib_npz, None, tmp_path, exports=["tflite"])
     assert not (tmp_path / "checkpoint.safetensors").exists()
+
+
+def test_a_4_bit_channel_entirely_below_zero_keeps_its_zero_point_in_uint8(tmp_path):
+    """Its zero point (> 15) does not fit in uint4: that layer stays uint8 rather than wrap."""
+    qmodel = quantize(small_vit(), QuantConfig(w_bits=4, a_bits=8, method="ptq-uniform", preset="smoke",
+                                               calib_size=8), _images("vit", 8, 0))
+    head = qmodel.model.head
+    with torch.no_grad():
+        head.weight[0] = -head.weight[0].abs() - 0.05
+        head.weight_quantizer.calibrate(head.weight)
+    assert float(head.weight_quantizer.zero_point.max()) > 15
+    path = export_onnx(qmodel.model, tmp_path / "model.onnx")
+    inits = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
+    assert inits["head.weight.codes"] == inits["head.weight.zero_point"] == TensorProto.UINT8
+    assert inits["blocks.0.mlp.fc1.weight.codes"] == TensorProto.UINT4
+    x = _images("vit", 3, 1)
+    with torch.no_grad():
+        ref = qmodel.model(x)
+    (out,) = session(path, optimize=False).run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-5, rtol=1e-5)
