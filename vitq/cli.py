@@ -66,6 +66,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
     print(f"time       {stages}")
     print(f"wrote      {out / 'checkpoint.safetensors'} and {out / 'report.json'}")
+    onnx = report.get("exports", {}).get("onnx", {})
+    if onnx.get("file"):
+        print(f"           {out / onnx['file']} ({onnx['bytes']} bytes; FP32 parameters "
+              f"{report['sizes']['fp32_parameters_bytes']} bytes)")
+    elif onnx.get("error"):
+        print(f"no ONNX    {onnx['error']}")
     return 0
 
 
