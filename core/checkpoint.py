@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.atomic_file import atomic_file
 from core.bitpack import pack_codes, unpack_codes
 from core.config import QuantConfig
 from core.errors import CheckpointError, VitqError
@@ -85,17 +84,8 @@ def save(qmodel: QuantizedModel, path: str | Path, metadata: dict[str, Any] | No
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "code_packing": CODE_PACKING,
               "config": qmodel.config.to_dict(),
               "versions": library_versions(), **(metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"vitq": json.dumps(header)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, ".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"vitq": json.dumps(header)})
     return path
 
 

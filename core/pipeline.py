@@ -7,8 +7,6 @@ model, and write ``checkpoint.safetensors`` and ``report.json`` into ``out_dir``
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.atomic_file import atomic_file
 from core.calibration_sample import calibration_sample
 from core.checkpoint import library_versions, save
 from core.config import ACT_INIT_IMAGES, Preset, QuantConfig
@@ -59,16 +58,8 @@ def layer_sqnr(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor) -> 
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, ".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def _preset_reason(requested: Preset, config: QuantConfig, device: torch.device) -> str:

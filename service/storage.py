@@ -7,11 +7,10 @@ directory as ``<root>/<sha[:2]>/<sha>``. An S3 backend implements the same five 
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from core.atomic_file import atomic_file
 from core.data import sha256_file
 
 CHUNK = 1024 * 1024
@@ -86,23 +85,9 @@ class LocalStore:
 def _write_atomically(source: Path, target: Path) -> None:
     """Copy to a temporary name beside ``target``, fsync, then rename: a reader (or a crash) only
     ever sees no blob or the whole blob, never a prefix; a failed copy leaves nothing behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            while chunk := src.read(CHUNK):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    with atomic_file(target) as tmp, open(tmp, "wb") as out, open(source, "rb") as src:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
 
 
 def get_store(root: Path) -> ArtifactStore:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from core.atomic_file import atomic_file
 from core.errors import VitqError
 from core.export.graph_modules import to_export_modules
 
@@ -121,17 +120,8 @@ def export_onnx(
     props = {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, ".onnx") as tmp:
+        tmp.write_bytes(proto.SerializeToString())
     return path
 
 
