@@ -191,6 +191,7 @@ def quantize(
         lap("stage3")
     else:
         if config.method in (Method.ISVIT, Method.REPQ):
+            set_quant_state(qmodel, weights=False, activations=True)  # measured as in SOS: activations on
             result.reparam_logit_change, result.reparam_float32 = _reparameterize_measured(qmodel, init_images)
             lap("reparameterize")
         init_weight_quantizers(qmodel)
