@@ -148,6 +148,14 @@ def test_cancel_then_next_job_then_artifacts(production, tmp_path, receiver):
     assert report["quant"]["top1"] == result["quant_top1"]
     # core.load + core.evaluate on the downloaded checkpoint gives the report's top-1, exactly
     assert_checkpoint_reproduces_report(ckpt, npz, report)
+    # the downloaded model.onnx, run in ONNX Runtime, gives the report's top-1 within 0.1 points
+    from core import load_dataset
+    from core.export import evaluate_onnx, read_onnx_metadata
+    from core.models import make_spec
+
+    spec = make_spec({**read_onnx_metadata(onnx_file)["model"], "checkpoint": None})
+    onnx_top1 = evaluate_onnx(onnx_file, load_dataset(str(npz), spec.preprocess))["top1"]
+    assert abs(onnx_top1 - report["quant"]["top1"]) <= 0.001, (onnx_top1, report["quant"]["top1"])
 
     rows = client.results(model=model["id"], w_bits=4, a_bits=4, method="isvit")
     assert [r["job_id"] for r in rows] == [done["id"]]
