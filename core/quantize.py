@@ -74,6 +74,7 @@ def _reconstruct_all(
     progress: _Progress,
     should_stop: StopFn | None,
     inputs_from_fp: bool,
+    split: tuple[torch.Tensor, torch.Tensor],
     choose_softmax: bool = False,
 ) -> list[dict[str, Any]]:
     """Reconstruct every unit in forward order.
@@ -84,7 +85,6 @@ def _reconstruct_all(
     """
     units = find_units(model)
     links = chain_links(fp_model, units, images[:2])
-    split = holdout_split(images.shape[0], config.seed, images.device)
     total = len(units) * config.iters
     log = []
     batch = max(config.batch_size, 64)
@@ -170,6 +170,7 @@ def quantize(
     calibrate_activations(qmodel, init_images, in_forward_order=in_forward_order)
     set_quant_state(qmodel, weights=False, activations=False)
     baseline = _without_reconstruction(qmodel) if config.method == Method.ISVIT else None
+    split = holdout_split(images.shape[0], config.seed, dev)  # one held-out set for every stage and the final check
     _check_stop(should_stop)
     lap("calibrate")
 
@@ -177,7 +178,7 @@ def quantize(
         set_quant_state(qmodel, weights=False, activations=True)
         result.reconstruction += _reconstruct_all(
             "stage1", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=True,
-            choose_softmax=True,
+            split=split, choose_softmax=True,
         )
         lap("stage1")
         result.reparam_logit_change, result.reparam_float32 = _reparameterize_measured(qmodel, init_images)
@@ -186,7 +187,7 @@ def quantize(
         init_weight_quantizers(qmodel)
         set_quant_state(qmodel, weights=True, activations=True)
         result.reconstruction += _reconstruct_all(
-            "stage3", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False
+            "stage3", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False, split=split
         )
         lap("stage3")
     else:
@@ -200,11 +201,11 @@ def quantize(
         if config.method == Method.ISVIT:
             result.reconstruction += _reconstruct_all(
                 "reconstruct", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False,
-                choose_softmax=True,
+                split=split, choose_softmax=True,
             )
             lap("reconstruct")
     if baseline is not None:
-        _keep_the_better(result, baseline, fp_model, images)
+        _keep_the_better(result, baseline, fp_model, images[split[1]])
         lap("baseline_check")
     result.seconds["total"] = sum(result.seconds.values())
     return result
@@ -229,11 +230,11 @@ def _without_reconstruction(calibrated: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _keep_the_better(result: QuantizedModel, baseline: nn.Module, fp_model: nn.Module, images: torch.Tensor) -> None:
+def _keep_the_better(
+    result: QuantizedModel, baseline: nn.Module, fp_model: nn.Module, held_images: torch.Tensor
+) -> None:
     """isvit never returns a model worse than RepQ-ViT's: compare both with the float model's logits
     on the calibration images that no unit was optimised on, and keep the better one."""
-    _, held = holdout_split(images.shape[0], result.config.seed, images.device)
-    held_images = images[held]
     reference = torch.cat([fp_model(x) for x in held_images.split(64)])
 
     def logit_mse(model: nn.Module) -> float:
@@ -244,7 +245,7 @@ def _keep_the_better(result: QuantizedModel, baseline: nn.Module, fp_model: nn.M
     kept = "reconstructed" if reconstructed <= plain else "baseline"
     if kept == "baseline":
         result.model = baseline
-    result.baseline_check = {"kept": kept, "heldout_images": int(held.numel()),
+    result.baseline_check = {"kept": kept, "heldout_images": int(held_images.shape[0]),
                              "logit_mse": {"reconstructed": reconstructed, "baseline": plain}}
 
 
