@@ -9,6 +9,7 @@ calibrate layer-wise → weights.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from core.quantizers import LogSqrt2Quantizer, SelectQuantizer
 from core.reconstruct import capture_unit_io, chain_links, holdout_split, reconstruct_unit, run_unit
 from core.reparameterize import reparameterize
 from core.wrap import find_ln_pairs, find_units, set_quant_state, wrap_model
+
+# How many standard errors of the paired held-out difference the reconstruction must win by
+# before it replaces RepQ-ViT's model (one-sided, about 98 % confidence).
+BASELINE_MARGIN_SE = 2.0
 
 ProgressFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
@@ -234,19 +239,37 @@ def _keep_the_better(
     result: QuantizedModel, baseline: nn.Module, fp_model: nn.Module, held_images: torch.Tensor
 ) -> None:
     """isvit never returns a model worse than RepQ-ViT's: compare both with the float model's logits
-    on the calibration images that no unit was optimised on, and keep the better one."""
-    reference = torch.cat([fp_model(x) for x in held_images.split(64)])
+    on the calibration images that no unit was optimised on, and keep the reconstruction only when it
+    is better by more than the noise of that comparison.
 
-    def logit_mse(model: nn.Module) -> float:
-        logits = torch.cat([model(x) for x in held_images.split(64)])
-        return float((logits - reference).double().pow(2).mean())
+    The comparison is paired (the same images through both models). At 6 bits the two models differ by
+    less than a hundred-odd images can resolve, and picking the lower of two noisy numbers then picks
+    the reconstruction about half the time even where it is no better: on the 10k test set it lost
+    0.25 points of agreement with FP to RepQ-ViT that way. So the reconstruction has to win by
+    ``BASELINE_MARGIN_SE`` standard errors of the per-image difference; otherwise RepQ-ViT's model,
+    the one with fewer fitted parameters, is kept.
+    """
+    reference = torch.cat([fp_model(x) for x in held_images.split(64)]).double()
 
-    reconstructed, plain = logit_mse(result.model), logit_mse(baseline)
-    kept = "reconstructed" if reconstructed <= plain else "baseline"
+    def per_image_mse(model: nn.Module) -> torch.Tensor:
+        logits = torch.cat([model(x) for x in held_images.split(64)]).double()
+        return (logits - reference).pow(2).flatten(1).mean(dim=1)
+
+    reconstructed, plain = per_image_mse(result.model), per_image_mse(baseline)
+    difference = reconstructed - plain
+    n = difference.numel()
+    mean = float(difference.mean())
+    stderr = float(difference.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+    kept = "reconstructed" if mean + BASELINE_MARGIN_SE * stderr < 0 else "baseline"
     if kept == "baseline":
         result.model = baseline
-    result.baseline_check = {"kept": kept, "heldout_images": int(held_images.shape[0]),
-                             "logit_mse": {"reconstructed": reconstructed, "baseline": plain}}
+    result.baseline_check = {
+        "kept": kept, "heldout_images": n,
+        "logit_mse": {"reconstructed": float(reconstructed.mean()), "baseline": float(plain.mean())},
+        "difference": {"mean": mean, "stderr": stderr, "margin_se": BASELINE_MARGIN_SE},
+        "rule": f"reconstructed only if its held-out logit MSE is lower by more than {BASELINE_MARGIN_SE:g} "
+                "standard errors of the paired per-image difference",
+    }
 
 
 def _relative_change(after: torch.Tensor, before: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
 import copy
+import sys
 
 import pytest
 import torch
@@ -130,14 +131,18 @@ def test_a_unit_with_nothing_to_learn_is_skipped():
     assert result.skipped and result.loss_start == result.loss_end == 0.0 and steps == [9]
 
 
-def test_isvit_keeps_whichever_of_its_reconstruction_and_repqs_model_fits_held_out_images_better():
+def _margin_rule(check):
+    diff = check["difference"]
+    return "reconstructed" if diff["mean"] + diff["margin_se"] * diff["stderr"] < 0 else "baseline"
+
+
+def test_isvit_keeps_its_reconstruction_only_where_it_beats_repqs_model_on_held_out_images():
     calib = _calib(64)
     config = QuantConfig(w_bits=3, a_bits=3, preset="smoke", iters=4, calib_size=64)
     isvit = quantize(small_vit(), config, calib)
     check = isvit.baseline_check
-    assert check["heldout_images"] == 8
+    assert check["heldout_images"] == 8 and check["kept"] == _margin_rule(check)
     mse = check["logit_mse"]
-    assert check["kept"] == ("reconstructed" if mse["reconstructed"] <= mse["baseline"] else "baseline")
     # the baseline is exactly RepQ-ViT's model: same held-out error as a repq run on the same images
     repq = quantize(small_vit(), QuantConfig(w_bits=3, a_bits=3, method="repq", preset="smoke", calib_size=64), calib)
     fp = small_vit()
@@ -146,4 +151,38 @@ def test_isvit_keeps_whichever_of_its_reconstruction_and_repqs_model_fits_held_o
         repq_mse = float((repq.model(held) - fp(held)).double().pow(2).mean())
         kept_mse = float((isvit.model(held) - fp(held)).double().pow(2).mean())
     assert repq_mse == pytest.approx(mse["baseline"], rel=1e-5)
-    assert kept_mse == pytest.approx(min(mse.values()), rel=1e-5) and kept_mse <= repq_mse * (1 + 1e-5)
+    assert kept_mse == pytest.approx(mse[check["kept"]], rel=1e-5)
+
+
+class _OffsetLogits(torch.nn.Module):
+    """The float model's logits plus an offset of a chosen size per image: a model whose error on the
+    held-out images is known exactly."""
+
+    def __init__(self, fp, offsets):
+        super().__init__()
+        self.fp, self.offsets = fp, offsets
+
+    def forward(self, x):
+        return self.fp(x) + self.offsets[: x.shape[0], None]
+
+
+@pytest.mark.parametrize(("noisy", "kept"), [(False, "reconstructed"), (True, "baseline")])
+def test_a_reconstruction_within_the_noise_of_the_held_out_comparison_gives_way_to_repq(noisy, kept):
+    """Better on every image wins. Better on average but by much less than the image-to-image spread
+    (1 % lower mean error, 64 images) is not resolved, and RepQ-ViT's model stays."""
+    quantize_module = sys.modules["core.quantize"]
+    fp = small_vit().eval()
+    baseline = _OffsetLogits(fp, torch.full((64,), 0.1))
+    if noisy:
+        torch.manual_seed(0)
+        squared = torch.distributions.Exponential(1.0).sample((64,))
+        squared = squared / squared.mean() * 0.99 * 0.1**2
+        offsets = squared.sqrt()
+    else:
+        offsets = torch.full((64,), 0.05)
+    result = quantize_module.QuantizedModel(_OffsetLogits(fp, offsets), QuantConfig(w_bits=4, a_bits=4))
+    quantize_module._keep_the_better(result, baseline, fp, _calib(64))
+    check = result.baseline_check
+    assert check["logit_mse"]["reconstructed"] < check["logit_mse"]["baseline"]
+    assert check["kept"] == kept == _margin_rule(check)
+    assert (result.model is baseline) == (kept == "baseline")
