@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
+import sys
+import tempfile
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import VitqError
 from service.storage import StorageError
@@ -35,12 +42,53 @@ class ApiError(Exception):
         self.headers = headers
 
 
+ECHO_LIMIT = 64
+"""Longest piece of client input (an id, a cursor) echoed back in a message."""
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr`` of client input for a message, cut to ``limit`` characters (a 10 kB id is not echoed)."""
+    text = str(value)
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 def not_found(what: str, ident: str) -> ApiError:
-    return ApiError(404, "not_found", f"{what} {ident!r} not found")
+    return ApiError(404, "not_found", f"{what} {echo(ident)} not found")
+
+
+_SERVER_ROOTS: list[str] = []
+
+
+def add_server_roots(*paths: Path | str) -> None:
+    """Directories whose paths never appear in a message (the app adds its data, store and cache dirs)."""
+    for path in paths:
+        text = str(path).rstrip("/")
+        if text and text not in _SERVER_ROOTS:
+            _SERVER_ROOTS.append(text)
+    _SERVER_ROOTS.sort(key=len, reverse=True)
+
+
+add_server_roots(tempfile.gettempdir(), sys.prefix, sys.base_prefix, Path(__file__).resolve().parents[1],
+                 Path.home(), os.getcwd())
+
+
+def public_message(message: str) -> str:
+    """The last line of defence for "no server path, host name or pid in a message": a path under a
+    server directory is cut to its last component, and the host name is replaced. Messages name uploads
+    by their client filename in the first place (``inspect_dataset(name=…)``); this catches the rest
+    (a PIL or OS error quoting a scratch path)."""
+    for root in _SERVER_ROOTS:
+        if root in message:
+            message = re.sub(re.escape(root) + r"(?:/[^\s'\":,;)]*)?",
+                             lambda m: m.group(0).rsplit("/", 1)[-1] or "…", message)
+    host = socket.gethostname()
+    if len(host) >= 4 and host in message:
+        message = message.replace(host, "<server>")
+    return message
 
 
 def error_body(code: str, message: str, details: object | None = None) -> dict:
-    error: dict[str, object] = {"code": code, "message": message}
+    error: dict[str, object] = {"code": code, "message": public_message(message)}
     if details is not None:
         error["details"] = details
     return {"error": error}
@@ -57,6 +105,47 @@ def _format_validation(exc: RequestValidationError) -> tuple[str, list[dict]]:
     return "; ".join(parts) or "invalid request", details
 
 
+def _body_unreadable(exc: RequestValidationError) -> str | None:
+    """A 400 message when the body could not be read as JSON at all (rather than a field being wrong)."""
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error") or "JSON decode error"
+            return f"body is not valid JSON: {reason}"
+        if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+            return "the request body is empty: send a JSON object"
+    return None
+
+
+class UnhandledErrors:
+    """Innermost middleware: an exception no handler took becomes one 500 in the error format, logged
+    once here. (Starlette's outermost error middleware re-raises after answering, so the server logged
+    the same traceback a second time.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:  # the response is half sent: nothing better to do than end it
+                return
+            response = JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -68,6 +157,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        unreadable = _body_unreadable(exc)
+        if unreadable is not None:
+            return JSONResponse(error_body("invalid_json", unreadable), status_code=400)
         message, details = _format_validation(exc)
         return JSONResponse(error_body("invalid_request", message, details), status_code=422)
 
@@ -92,6 +184,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for exc_type in DATABASE_UNREACHABLE:
         app.add_exception_handler(exc_type, _database_unreachable)
+
+    @app.exception_handler(sa_exc.DataError)
+    async def _value_out_of_range(_: Request, exc: sa_exc.DataError) -> JSONResponse:
+        # A value the checks let through but the column cannot hold: a gap in validation (logged), never
+        # a 500. An upload's blob is removed by ``store_then_record`` before this answer.
+        log.warning("database refused a value: %s", str(exc.orig)[:300])
+        body = error_body("value_out_of_range", "a value in the request is out of the range the service stores")
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:

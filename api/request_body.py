@@ -10,7 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from fastapi import Request, Response, params
+from fastapi.routing import APIRoute
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -100,3 +105,80 @@ async def _send_error(send: Send, exc: BodyRejected) -> None:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+# -- what a body must be: JSON routes take JSON (no NaN), upload routes one value per form field ------
+
+JSON_TYPES = ("application/json",)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (use a number or null)")
+
+
+def loads_strict(body: bytes | str) -> Any:
+    """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity`` (Python's parser accepts them;
+    RFC 8259 does not, and a NaN learning rate or kwarg only fails later, somewhere else)."""
+    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        raise json.JSONDecodeError(str(exc), text, 0) from None
+
+
+class StrictRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = loads_strict(body)
+            except UnicodeDecodeError:
+                raise json.JSONDecodeError("the body is not UTF-8", "", 0) from None
+        return self._json
+
+    async def _get_form(self, **kwargs: Any) -> FormData:
+        form = await super()._get_form(**kwargs)
+        repeated = sorted({key for key in form.keys() if len(form.getlist(key)) > 1})
+        if repeated:
+            await form.close()
+            raise BodyRejected(
+                400, "duplicate_field", f"form field(s) {', '.join(map(repr, repeated[:5]))} sent more than once"
+            )
+        return form
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (length is not None and length.strip() not in ("", "0"))
+
+
+class StrictRoute(APIRoute):
+    """Route class of every router with a body: a JSON route answers 415 to a body of another
+    ``Content-Type`` and parses with :func:`loads_strict`; an upload route answers 415 to a body that
+    is not a form, and 400 to a form field sent twice (two ``file`` parts: which one would be checked?).
+    Bodies that are not JSON at all get 400 from the validation handler (``api/errors.py``)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        kind = None
+        if self.body_field is not None:
+            kind = "form" if isinstance(self.body_field.field_info, params.Form) else "json"
+        accepted = FORM_TYPES if kind == "form" else JSON_TYPES
+
+        async def strict_handler(request: Request) -> Response:
+            request = StrictRequest(request.scope, request.receive, request._send)
+            if kind is not None and _has_body(request):
+                content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                if not (content_type in accepted or (kind == "json" and content_type.endswith("+json"))):
+                    raise BodyRejected(
+                        415,
+                        "unsupported_media_type",
+                        f"Content-Type {content_type[:80] or '(none)'!r} is not accepted here; "
+                        f"send {' or '.join(accepted)}",
+                    )
+            return await handler(request)
+
+        return strict_handler

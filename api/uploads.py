@@ -62,8 +62,10 @@ def _alive(pid: int) -> bool:
 
 
 def safe_filename(name: str | None, default: str) -> str:
+    """The client's filename as stored and echoed: its last component, letters, digits and ``._-`` only,
+    no leading dots (``..``, ``.bashrc``), at most 200 characters; ``default`` when nothing is left."""
     base = PurePath((name or "").replace("\\", "/")).name
-    cleaned = "".join(c for c in base if c.isalnum() or c in "._-")[:200]
+    cleaned = "".join(c for c in base if c.isalnum() or c in "._-").lstrip(".")[:200]
     return cleaned or default
 
 

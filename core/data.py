@@ -30,10 +30,21 @@ from core.models import Preprocess
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MAX_CLASSES = 100_000
+"""Labels are class indices below this (ImageNet-21k has 21,841 classes)."""
 FASHION_MNIST_SPEC = re.compile(r"^fashion-mnist:(train|test)(?::([0-9]{1,6}))?$")
 """``fashion-mnist:train``, ``fashion-mnist:test``, optionally ``:N`` (the first N images)."""
 _FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\"]+/)+([^\s/'\"]*)")
+
+
+def exception_reason(exc: BaseException) -> str:
+    """An exception's message for the user, with any absolute path cut to its last component (PIL and
+    OSError messages name the file by its full path, which here is a server's scratch directory)."""
+    return _ABSOLUTE_PATH.sub(r"\1", str(exc))[:300] or type(exc).__name__
 
 
 def sha256_file(path: Path) -> str:
@@ -127,7 +138,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 with Image.open(path) as img:
                     arr = np.asarray(img.convert(mode), dtype=np.uint8)
             except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise DatasetError(f"{self.source}: cannot decode image {path.name}: {exc}") from None
+                raise DatasetError(f"{self.source}: cannot decode image {path.name}: {exception_reason(exc)}") from None
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             out.append(preprocess_uint8(torch.from_numpy(arr.copy())[None], self.preprocess))
         return torch.cat(out)
@@ -229,7 +240,7 @@ def _npz(path: Path, pre: Preprocess | None, source: str) -> tuple[np.ndarray, n
     except DatasetError:
         raise
     except (ValueError, OSError, EOFError) as exc:
-        raise DatasetError(f"{source}: not a readable .npz without pickles: {exc}") from None
+        raise DatasetError(f"{source}: not a readable .npz without pickles: {exception_reason(exc)}") from None
     if x.dtype == np.uint8:
         if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3, 4)):
             raise DatasetError(f"{source}: uint8 x must be N×H×W or N×H×W×C (C in 1, 3, 4), got {list(x.shape)}")
@@ -246,13 +257,28 @@ def _npz(path: Path, pre: Preprocess | None, source: str) -> tuple[np.ndarray, n
     if len(x) == 0 or min(x.shape[1:]) == 0:
         raise DatasetError(f"{source}: x holds no images")
     if y is not None:
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise DatasetError(f"{source}: y must be a 1-D integer array")
-        if len(y) != len(x):
-            raise DatasetError(f"{source}: {len(y)} labels for {len(x)} images")
-        if len(y) and y.min() < 0:
-            raise DatasetError(f"{source}: labels must be non-negative")
+        check_labels(y, len(x), source)
     return x, y, normalized
+
+
+def check_labels(y: np.ndarray, n: int, source: str) -> int:
+    """Labels are class indices: 1-D, integer, one per image, in ``[0, MAX_CLASSES)``; returns the class
+    count (largest label + 1). Checked before anything is stored: a uint64 ``2**64 - 1`` or an int64
+    ``2**63 - 1`` is a valid array but no class count (it overflowed the database column)."""
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DatasetError(f"{source}: y must be a 1-D integer array of class labels, got {y.dtype} {list(y.shape)}")
+    if len(y) != n:
+        raise DatasetError(f"{source}: {len(y)} labels for {n} images ('y' needs one label per image)")
+    if not len(y):
+        return 0
+    low, high = int(y.min()), int(y.max())
+    if low < 0:
+        raise DatasetError(f"{source}: labels must be non-negative class indices, found {low}")
+    if high >= MAX_CLASSES:
+        raise DatasetError(
+            f"{source}: label {high} is out of range: labels are class indices below {MAX_CLASSES:,}"
+        )
+    return high + 1
 
 
 def _image_folder(root: Path, pre: Preprocess, source: str, fingerprint: str, tempdir: Path | None) -> ImageDataset:
@@ -281,9 +307,10 @@ def _image_folder(root: Path, pre: Preprocess, source: str, fingerprint: str, te
                         classes=classes, tempdir=tempdir)
 
 
-def load_dataset(source: str, preprocess: Preprocess) -> ImageDataset:
+def load_dataset(source: str, preprocess: Preprocess, *, name: str | None = None) -> ImageDataset:
     """``fashion-mnist:train[:N]``, ``fashion-mnist:test[:N]``, a ``.npz``, an ImageFolder
-    directory, or a ``.tar``/``.tar.gz``/``.zip`` of one."""
+    directory, or a ``.tar``/``.tar.gz``/``.zip`` of one. Messages call it ``name`` where given (the
+    service passes the client's filename, never its scratch path)."""
     if not isinstance(source, str) or not source:
         raise DatasetError("dataset must be a path or 'fashion-mnist:train[:N]' / 'fashion-mnist:test'")
     match = FASHION_MNIST_SPEC.match(source)
@@ -295,27 +322,30 @@ def load_dataset(source: str, preprocess: Preprocess) -> ImageDataset:
     if source.startswith("fashion-mnist"):
         raise DatasetError(f"{source!r}: use fashion-mnist:train, fashion-mnist:train:N or fashion-mnist:test")
     path = Path(source)
+    label = name or source
     if not path.exists():
-        raise DatasetError(f"dataset not found: {source}")
+        raise DatasetError(f"dataset not found: {label}")
     if path.is_dir():
-        return _image_folder(path, preprocess, source, f"dir:{path.resolve()}", None)
+        return _image_folder(path, preprocess, label, f"dir:{path.resolve()}", None)
     if path.suffix.lower() == ".npz":
-        x, y, normalized = _npz(path, preprocess, source)
-        return ImageDataset(preprocess, source=source, fingerprint=sha256_file(path), array=x,
+        x, y, normalized = _npz(path, preprocess, label)
+        return ImageDataset(preprocess, source=label, fingerprint=sha256_file(path), array=x,
                             normalized=normalized, labels=y)
     if is_archive(path):
         tempdir = Path(tempfile.mkdtemp(prefix="vitq-data-"))
         safe_extract(path, tempdir / "root")
-        return _image_folder(tempdir / "root", preprocess, source, sha256_file(path), tempdir)
-    raise DatasetError(f"{source}: unsupported dataset format (use .npz, .tar, .tar.gz, .zip or a directory)")
+        return _image_folder(tempdir / "root", preprocess, label, sha256_file(path), tempdir)
+    raise DatasetError(f"{label}: unsupported dataset format (use .npz, .tar, .tar.gz, .zip or a directory)")
 
 
-def inspect_dataset(path: str | Path, max_decode: int = 64) -> dict[str, Any]:
-    """Validate a dataset file and describe it; decodes up to ``max_decode`` images to prove they load."""
+def inspect_dataset(path: str | Path, max_decode: int = 64, *, name: str | None = None) -> dict[str, Any]:
+    """Validate a dataset file and describe it; decodes up to ``max_decode`` images to prove they load.
+    Messages call the dataset ``name`` where given."""
     probe = Preprocess(mean=(0.0,), std=(1.0,), input_size=(1, 8, 8))
     source = str(path)
+    label = name or source
     if FASHION_MNIST_SPEC.match(source) or Path(source).suffix.lower() != ".npz":
-        dataset = load_dataset(source, probe)
+        dataset = load_dataset(source, probe, name=name)
         if dataset.files is not None:
             shapes = []
             for i in range(min(max_decode, len(dataset))):
@@ -324,14 +354,16 @@ def inspect_dataset(path: str | Path, max_decode: int = 64) -> dict[str, Any]:
                         img.load()
                         shapes.append([len(img.getbands()), img.height, img.width])
                 except (UnidentifiedImageError, OSError, ValueError) as exc:
-                    raise DatasetError(f"{source}: cannot decode {dataset.files[i].name}: {exc}") from None
+                    raise DatasetError(
+                        f"{label}: cannot decode {dataset.files[i].name}: {exception_reason(exc)}"
+                    ) from None
             image_shape = shapes[0] if shapes else None
             fmt = "imagefolder"
         else:
             image_shape = [1, *dataset.array.shape[1:3]]
             fmt = "fashion-mnist"
     else:
-        x, y, normalized = _npz(Path(source), None, source)
+        x, y, normalized = _npz(Path(source), None, label)
         dataset = None
         shape = list(x.shape[1:])
         image_shape = shape if normalized else ([1, *shape] if x.ndim == 3 else [shape[2], shape[0], shape[1]])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from core.errors import ModelSpecError
+from core.errors import CheckpointError, ModelSpecError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
 SUPPORTED_FAMILIES = ("vit_", "deit_", "deit3_", "swin_")
@@ -199,6 +201,25 @@ def looks_like_safetensors(path: Path) -> bool:
     )
 
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def pickle_refusal(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to retry with
+    ``weights_only=False`` (that would run whatever code the pickle holds)."""
+    found = _UNSAFE_GLOBAL.search(str(exc))
+    if found:
+        what = f"it references {found.group(1)}, which is not a tensor"
+    elif isinstance(exc, pickle.UnpicklingError):
+        what = "it holds objects other than tensors"
+    else:
+        what = f"it is not a readable torch file ({type(exc).__name__})"
+    return (
+        "only plain tensors are loaded from .pth files (weights_only=True), and " + what + "; "
+        "save the weights as a state dict of tensors, or as safetensors"
+    )
+
+
 def unwrap_state_dict(obj: Any) -> Any:
     """The state dict inside a loaded ``.pth`` object, through any of ``PTH_STATE_DICT_KEYS``."""
     for key in PTH_STATE_DICT_KEYS:
@@ -218,29 +239,110 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise ModelSpecError(
-            f"checkpoint {path.name} was refused: only tensors can be loaded from .pth files "
-            f"(weights_only=True); {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        ) from None
+        raise ModelSpecError(f"checkpoint {path.name} was refused: {pickle_refusal(exc)}") from None
     state = unwrap_state_dict(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelSpecError(f"checkpoint {path.name} does not hold a state dict of tensors")
     return state
 
 
-def create_architecture(spec: ModelSpec) -> nn.Module:
-    """The timm model with random weights; rejects absurd sizes before allocating them."""
-    kwargs = dict(spec.timm_kwargs)
-    pretrained = bool(kwargs.pop("pretrained", False))
+MAX_BLOCKS = 128
+"""Most transformer blocks a model may have, all stages together (timm's largest registered ViT has 48).
+The parameter count needs only a few of them built (``count_parameters``); this bounds what the worker
+builds in full."""
+_EXTRAPOLATE_ABOVE = 4
+"""Requested depths up to this many blocks per stage are built as asked; deeper ones are extrapolated."""
+
+
+def _meta_parameters(timm_name: str, kwargs: dict[str, Any]) -> int:
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _requested_depths(kwargs: dict[str, Any]) -> tuple[str, list[int]] | None:
+    """``("depth", [d])`` (ViT, DeiT) or ``("depths", [d1, …])`` (Swin) where timm_kwargs set them."""
+    for key in ("depth", "depths"):
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        values = [value] if key == "depth" else value
+        if not isinstance(values, list | tuple) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+        ):
+            what = "a non-negative integer" if key == "depth" else "a list of non-negative integers"
+            raise ModelSpecError(f"timm_kwargs.{key} must be {what}")
+        if sum(values) > MAX_BLOCKS:
+            raise ModelSpecError(
+                f"timm_kwargs.{key} asks for {sum(values)} transformer blocks; the limit is {MAX_BLOCKS}"
+            )
+        return key, [int(v) for v in values]
+    return None
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    """The parameter count of ``spec``'s architecture, from the meta device (no weights allocated).
+
+    Why not one build: building on the meta device allocates nothing, but every block is still a few
+    dozen Python modules, so ``depth=3000`` took 47 s of CPU. Every block of a stage has the same
+    shapes, so the count is affine in each stage's depth: ``P(d) = P(1) + (d - 1)·(P(2) - P(1))`` for
+    ViT/DeiT, and per stage for Swin. Deep requests are counted from builds with one and two blocks per
+    stage (1 + stages small builds, each also checking the other kwargs), so the work per request is
+    bounded whatever the kwargs say.
+    """
+    kwargs = {k: v for k, v in spec.timm_kwargs.items() if k != "pretrained"}
+    requested = _requested_depths(kwargs)
+    if requested is None or max(requested[1]) <= _EXTRAPOLATE_ABOVE:
+        return _meta_parameters(spec.timm_name, kwargs)
+    key, depths = requested
+
+    def with_depths(values: list[int]) -> dict[str, Any]:
+        return {**kwargs, key: values[0] if key == "depth" else values}
+
+    ones = [1] * len(depths)
+    base = _meta_parameters(spec.timm_name, with_depths(ones))
+    total = base
+    for stage, depth in enumerate(depths):
+        two = ones.copy()
+        two[stage] = 2
+        per_block = _meta_parameters(spec.timm_name, with_depths(two)) - base
+        total += (depth - 1) * per_block
+    return total
+
+
+def model_num_classes(spec: ModelSpec) -> int | None:
+    """How many classes the model predicts: ``timm_kwargs.num_classes``, else the registered default
+    (1000 for ImageNet models); ``None`` for a headless model (``num_classes=0``)."""
+    value = spec.timm_kwargs.get("num_classes")
+    if value is None:
+        cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+        value = (cfg.to_dict() if cfg is not None else {}).get("num_classes", 1000)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_parameter_count(spec: ModelSpec, max_parameters: int = MAX_PARAMETERS) -> int:
+    """``count_parameters``, refused with a ``ModelSpecError`` above ``max_parameters``."""
     try:
-        with torch.device("meta"):
-            meta = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-        count = sum(p.numel() for p in meta.parameters())
-        if count > MAX_PARAMETERS:
-            raise ModelSpecError(f"model has {count} parameters; the limit is {MAX_PARAMETERS}")
-        model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
+        count = count_parameters(spec)
     except ModelSpecError:
         raise
+    except Exception as exc:  # timm raises TypeError/ValueError/AssertionError/RuntimeError for bad kwargs
+        raise ModelSpecError(f"timm could not build {spec.timm_name} with {spec.timm_kwargs}: {exc}") from None
+    if count > max_parameters:
+        raise ModelSpecError(
+            f"{spec.timm_name} with these timm_kwargs has {count:,} parameters; the limit is {max_parameters:,}"
+        )
+    return count
+
+
+def create_architecture(spec: ModelSpec, max_parameters: int = MAX_PARAMETERS) -> nn.Module:
+    """The timm model with random weights; rejects absurd sizes (counted on the meta device) before
+    allocating them."""
+    kwargs = dict(spec.timm_kwargs)
+    pretrained = bool(kwargs.pop("pretrained", False))
+    check_parameter_count(spec, max_parameters)
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
     except Exception as exc:
         if pretrained:
             raise ModelSpecError(
@@ -280,3 +382,207 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if bad:
         raise ModelSpecError(f"weights hold NaN or infinite values, e.g. in {bad[0]}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# -- checking a safetensors checkpoint against an architecture, in bounded memory ----------------------
+
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+"""The safetensors dtypes read here and their bytes per element (sub-byte dtypes are refused)."""
+FLOAT_WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
+"""What a float parameter may be stored as; ``load_weights`` casts it to the model's dtype."""
+_EXPONENT_MASKS = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000),
+                   "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+"""A float is NaN or infinite exactly when all its exponent bits are set."""
+_TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                 torch.uint8: "U8", torch.bool: "BOOL"}
+HEADER_BYTES_PER_TENSOR = 1024
+"""Header budget per expected tensor (a name, a dtype, a shape, two offsets are ~150 bytes)."""
+_SCAN_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"tensor name {key[:100]!r} appears twice")
+        out[key] = value
+    return out
+
+
+def read_safetensors_header(path: Path, *, max_header_bytes: int = SAFETENSORS_MAX_HEADER_BYTES,
+                            name: str | None = None) -> dict[str, TensorEntry]:
+    """The tensor table of a safetensors file, read from its header only (never the tensors).
+
+    Checked as the safetensors loader does, so a file that passes here loads in the worker: a JSON
+    object of ``{name: {dtype, shape, data_offsets}}`` (plus an optional ``__metadata__`` of strings),
+    no duplicate names, each tensor's byte length equal to its shape times its dtype's size, and the
+    offsets tiling the data after the header exactly, without gaps or overlaps.
+    """
+    label = name or path.name
+    size = path.stat().st_size
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{label} is not a valid safetensors file: {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than its 8-byte header length")
+        length = int.from_bytes(head, "little")
+        if length > min(max_header_bytes, size - 8):
+            raise bad(f"header length {length} exceeds the {min(max_header_bytes, size - 8)} bytes allowed")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"the header is not a JSON object ({str(exc)[:200]})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise bad("__metadata__ must map names to strings")
+    entries: dict[str, TensorEntry] = {}
+    for key, info in header.items():
+        shown = key[:100]
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {shown!r} needs exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise bad(f"tensor {shown!r} has an unsupported dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise bad(f"tensor {shown!r} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets
+        ) and offsets[0] <= offsets[1]):
+            raise bad(f"tensor {shown!r} has invalid data_offsets")
+        if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]:
+            raise bad(f"tensor {shown!r}: data_offsets span {offsets[1] - offsets[0]} bytes, "
+                      f"its shape and dtype need {math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]}")
+        entries[key] = TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
+    position = 0
+    for key, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != position:
+            raise bad(f"tensor {key[:100]!r} starts at byte {entry.start}, expected {position} (gap or overlap)")
+        position = entry.end
+    if position != size - 8 - length:
+        raise bad(f"the tensors cover {position} bytes but {size - 8 - length} follow the header")
+    return entries
+
+
+def _nonfinite_tensor(path: Path, data_start: int, entries: dict[str, TensorEntry]) -> str | None:
+    """The first float tensor holding NaN or ±inf, scanning the file in chunks (bounded memory)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        for key, entry in entries.items():
+            if entry.dtype not in _EXPONENT_MASKS:
+                continue
+            view, mask = _EXPONENT_MASKS[entry.dtype]
+            item = SAFETENSORS_ITEMSIZE[entry.dtype]
+            f.seek(data_start + entry.start)
+            left = entry.end - entry.start
+            while left:
+                chunk = f.read(min(left, _SCAN_CHUNK - _SCAN_CHUNK % item))
+                if not chunk:
+                    return key
+                left -= len(chunk)
+                bits = np.frombuffer(chunk, dtype=view)
+                if np.any((bits & np.array(mask, dtype=view)) == mask):
+                    return key
+    return None
+
+
+def check_checkpoint_fits(spec: ModelSpec, path: Path, *, max_parameters: int = MAX_PARAMETERS,
+                          name: str | None = None) -> int:
+    """Check that the safetensors file at ``path`` fits ``spec``'s architecture without loading it.
+
+    The architecture is counted (``check_parameter_count``) and built on the meta device, so neither the
+    model nor the weights are allocated; the file's header is read and its names, shapes and dtypes
+    compared with the model's state dict; float tensors are then scanned for NaN and ±inf in 8 MiB
+    chunks. Memory: the header (bounded by the number of tensors the model has) and one chunk, whatever
+    the file's size. Returns the parameter count.
+    """
+    count = check_parameter_count(spec, max_parameters)
+    kwargs = {k: v for k, v in spec.timm_kwargs.items() if k != "pretrained"}
+    try:
+        with torch.device("meta"):
+            expected = timm.create_model(spec.timm_name, pretrained=False, **kwargs).state_dict()
+    except Exception as exc:
+        raise ModelSpecError(f"timm could not build {spec.timm_name} with {kwargs}: {exc}") from None
+    entries = read_safetensors_header(
+        path, max_header_bytes=min(SAFETENSORS_MAX_HEADER_BYTES, 4096 + HEADER_BYTES_PER_TENSOR * len(expected)),
+        name=name,
+    )
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
+    mismatched, wrong_dtype = [], []
+    for key, tensor in expected.items():
+        entry = entries.get(key)
+        if entry is None:
+            continue
+        if entry.shape != tuple(tensor.shape):
+            mismatched.append(f"{key}: checkpoint {entry.shape} vs model {tuple(tensor.shape)}")
+        allowed = FLOAT_WEIGHT_DTYPES if tensor.is_floating_point() else (_TORCH_DTYPES.get(tensor.dtype),)
+        if entry.dtype not in allowed:
+            wrong_dtype.append(f"{key}: checkpoint {entry.dtype} vs model {_TORCH_DTYPES.get(tensor.dtype)}")
+    if missing or unexpected or mismatched or wrong_dtype:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(k[:100] for k in unexpected[:3])}")
+        if mismatched:
+            parts.append(f"shape mismatch: {'; '.join(mismatched[:3])}")
+        if wrong_dtype:
+            parts.append(f"dtype mismatch: {'; '.join(wrong_dtype[:3])}")
+        raise ModelSpecError("weights do not fit the model: " + "; ".join(parts))
+    with open(path, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+    bad = _nonfinite_tensor(path, data_start, entries)
+    if bad is not None:
+        raise CheckpointError(f"weights hold NaN or infinite values, e.g. in {bad}")
+    return count
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict as safetensors one tensor at a time (``safetensors.torch.save_file`` builds
+    every tensor's bytes in memory first). Tensors may be memory-mapped (``torch.load(mmap=True)``), so
+    converting a large ``.pth`` costs about its largest tensor, not its size."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, tensor in state.items():
+        dtype = _TORCH_DTYPES.get(tensor.dtype)
+        if dtype is None:
+            raise ModelSpecError(f"tensor {key[:100]} has dtype {tensor.dtype}, which safetensors does not store here")
+        nbytes = tensor.numel() * SAFETENSORS_ITEMSIZE[dtype]
+        header[key] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for tensor in state.values():
+            flat = tensor.detach().contiguous().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from core.archive import ArchiveLimits, check_tar_members, check_zip_members, safe_extract
-from core.data import IMAGE_SUFFIXES, inspect_dataset
+from core.data import IMAGE_SUFFIXES, check_labels, exception_reason, inspect_dataset
 from core.errors import DatasetError
 from service.storage import ArtifactStore
 
@@ -80,7 +80,7 @@ def check_zip(path: Path, limits: Limits, *, npz: bool = False) -> None:
     except DatasetError as exc:
         raise ArchiveError(str(exc)) from None
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
-        raise ArchiveError(f"corrupt or truncated zip archive: {exc}") from None
+        raise ArchiveError(f"corrupt or truncated zip archive: {exception_reason(exc)}") from None
 
 
 def check_tar(path: Path, limits: Limits) -> None:
@@ -94,7 +94,7 @@ def check_tar(path: Path, limits: Limits) -> None:
     except DatasetError as exc:
         raise ArchiveError(str(exc)) from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise ArchiveError(f"corrupt or truncated tar archive: {exc}") from None
+        raise ArchiveError(f"corrupt or truncated tar archive: {exception_reason(exc)}") from None
 
 
 def extract(path: Path, fmt: str, dest: Path, limits: Limits) -> Path:
@@ -145,7 +145,9 @@ def check_images(root: Path, max_images: int) -> int:
                 with Image.open(file) as image:
                     image.load()
             except Exception as exc:  # PIL raises many types for broken files
-                raise ArchiveError(f"image does not decode: {file.relative_to(root)}: {exc}") from None
+                raise ArchiveError(
+                    f"image does not decode: {file.relative_to(root)}: {exception_reason(exc)}"
+                ) from None
             count += 1
             if count > max_images:
                 raise ArchiveError(f"more than {max_images} images")
@@ -173,14 +175,16 @@ def check_npz(path: Path, limits: Limits) -> None:
                     raise ArchiveError(f"'y' must be 1-D, one label per image, got {list(y.shape)}")
                 if not np.issubdtype(y.dtype, np.integer):
                     raise ArchiveError(f"'y' must hold integer class labels, got {y.dtype}")
-                if len(y) and y.min() < 0:
-                    raise ArchiveError("'y' holds negative labels")
+                try:
+                    check_labels(y, len(x), "'y'")  # range: class indices, before anything is stored
+                except DatasetError as exc:
+                    raise ArchiveError(exc.message) from None
     except ArchiveError:
         raise
     except ValueError as exc:  # includes "Object arrays cannot be loaded when allow_pickle=False"
-        raise ArchiveError(f"unreadable .npz: {exc}") from None
+        raise ArchiveError(f"unreadable .npz: {exception_reason(exc)}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ArchiveError(f"corrupt or truncated .npz: {exc}") from None
+        raise ArchiveError(f"corrupt or truncated .npz: {exception_reason(exc)}") from None
 
 
 def validate_upload(raw: Path, filename: str, workdir: Path, limits: Limits) -> tuple[str, Path, dict[str, Any]]:
@@ -194,7 +198,7 @@ def validate_upload(raw: Path, filename: str, workdir: Path, limits: Limits) -> 
     else:
         path = extract(raw, fmt, workdir / "extracted", limits)
         check_images(path, limits.max_members)
-    return fmt, path, inspect_dataset(str(path))
+    return fmt, path, inspect_dataset(str(path), name=filename)
 
 
 def materialize_dataset(

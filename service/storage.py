@@ -7,11 +7,17 @@ directory as ``<root>/<sha[:2]>/<sha>``. An S3 backend implements the same five 
 from __future__ import annotations
 
 import errno
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
+
+from sqlalchemy.orm import Session
 
 from core.atomic_file import atomic_file
 from core.data import sha256_file
+
+log = logging.getLogger("vitq.storage")
 
 CHUNK = 1024 * 1024
 
@@ -92,3 +98,37 @@ def _write_atomically(source: Path, target: Path) -> None:
 
 def get_store(root: Path) -> ArtifactStore:
     return LocalStore(root)
+
+
+# -- store, then record: the one way an upload becomes visible -----------------------------------------
+
+RowT = TypeVar("RowT")
+
+
+def store_then_record(
+    session: Session, store: ArtifactStore, path: Path, make_row: Callable[[str, int], RowT]
+) -> RowT:
+    """Put ``path`` in the store, then add and commit the row ``make_row(sha256, size)`` that references it.
+
+    The blob is held (``service.blob_gc.hold``: the collector cannot remove it while the row is being
+    recorded) from the copy to the commit. Any failure after the blob is written (the INSERT refused, a
+    value out of the column's range, the database gone, a bug) rolls the session back and releases the
+    blob, which removes it unless another row names the same bytes (content addressing: another upload's
+    bytes must not be lost). Call it while ``path`` still exists.
+    """
+    from service import blob_gc  # blob_gc imports this module
+
+    sha, size = blob_gc.store_and_hold(session, store, path)
+    try:
+        row = make_row(sha, size)
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        try:
+            blob_gc.release(session, store, [sha])
+        except Exception:  # the database is unreachable: an unreferenced blob is better than a lost one
+            log.warning("could not release blob %s after a failed upload; the orphan sweep will", sha,
+                        exc_info=True)
+        raise
+    return row
