@@ -107,6 +107,11 @@ class QuantConfig:
     sos: bool = True
     integer_exponent: bool = True
     calibration_order: CalibrationOrder = CalibrationOrder.FLOAT
+    per_unit_bits: dict[str, tuple[int, int]] | None = field(default=None, hash=False)
+    """Mixed precision: ``{unit: (w_bits, a_bits)}`` for the units that differ from ``w_bits``/``a_bits``.
+    A unit is what SOS reconstructs as one (``core.wrap.find_units``: ``patch_embed``, ``blocks.3``,
+    ``head``); its bits apply to every weight and activation quantizer inside it. Serialised as
+    ``{unit: {"w_bits": w, "a_bits": a}}``; a unit the model does not have is refused when it is wrapped."""
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -115,11 +120,9 @@ class QuantConfig:
         if self.softmax_quantizer is not None:
             _coerce_enum(self, "softmax_quantizer", SoftmaxQuantizer)
         for name in ("w_bits", "a_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidConfigError(f"{name} must be an integer, got {value!r}")
-            if not MIN_BITS <= value <= MAX_BITS:
-                raise InvalidConfigError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {value}")
+            _check_bits(name, getattr(self, name))
+        if self.per_unit_bits is not None:
+            object.__setattr__(self, "per_unit_bits", _normalise_per_unit_bits(self.per_unit_bits))
         for name, low in (("iters", 0), ("calib_size", 1), ("batch_size", 1)):
             value = getattr(self, name)
             if value is None:
@@ -158,7 +161,7 @@ class QuantConfig:
         if self.preset == Preset.AUTO:
             return dataclasses.replace(self, softmax_quantizer=self.softmax_quantizer or DEFAULT_SOFTMAX[self.method])
         values = PRESETS[self.preset]
-        high_bits = min(self.w_bits, self.a_bits) >= 6
+        high_bits = self.min_bits() >= 6
         default_iters = values.iters_high_bits if high_bits else values.iters
         if self.method != Method.ISVIT:
             default_iters = 0
@@ -171,11 +174,41 @@ class QuantConfig:
             softmax_quantizer=self.softmax_quantizer or DEFAULT_SOFTMAX[self.method],
         )
 
+    def min_bits(self) -> int:
+        """The smallest width anywhere in the model (the preset's high-bit iteration count needs 6+)."""
+        widths = [self.w_bits, self.a_bits]
+        for w, a in (self.per_unit_bits or {}).values():
+            widths += [w, a]
+        return min(widths)
+
+    def unit_bits(self, unit: str | None) -> tuple[int, int]:
+        """(w_bits, a_bits) of one unit: its own entry in ``per_unit_bits``, else the model's."""
+        if unit is not None and self.per_unit_bits and unit in self.per_unit_bits:
+            return self.per_unit_bits[unit]
+        return self.w_bits, self.a_bits
+
+    @property
+    def mixed(self) -> bool:
+        return any(bits != (self.w_bits, self.a_bits) for bits in (self.per_unit_bits or {}).values())
+
+    def bits_label(self) -> str:
+        """``W4A4``, or ``W3A3 + 4 units W4A4`` for mixed precision."""
+        label = f"W{self.w_bits}A{self.a_bits}"
+        groups: dict[tuple[int, int], int] = {}
+        for bits in (self.per_unit_bits or {}).values():
+            if bits != (self.w_bits, self.a_bits):
+                groups[bits] = groups.get(bits, 0) + 1
+        for (w, a), count in sorted(groups.items()):
+            label += f" + {count} unit{'s' if count > 1 else ''} W{w}A{a}"
+        return label
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = value.value if isinstance(value, Enum) else value
+        if self.per_unit_bits is not None:
+            out["per_unit_bits"] = {u: {"w_bits": w, "a_bits": a} for u, (w, a) in self.per_unit_bits.items()}
         return out
 
     @classmethod
@@ -190,6 +223,36 @@ class QuantConfig:
         if missing:
             raise InvalidConfigError(f"missing config field(s): {', '.join(missing)}")
         return cls(**data)
+
+
+def _check_bits(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfigError(f"{name} must be an integer, got {value!r}")
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise InvalidConfigError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {value}")
+    return value
+
+
+def _normalise_per_unit_bits(value: Any) -> dict[str, tuple[int, int]]:
+    """``{unit: {"w_bits", "a_bits"}}`` or ``{unit: [w, a]}`` → ``{unit: (w, a)}``, sorted by unit."""
+    if not isinstance(value, dict):
+        raise InvalidConfigError("per_unit_bits must be an object {unit: {w_bits, a_bits}}")
+    if len(value) > 10_000:
+        raise InvalidConfigError("per_unit_bits names more than 10000 units")
+    out: dict[str, tuple[int, int]] = {}
+    for unit in sorted(value):
+        bits = value[unit]
+        if not isinstance(unit, str) or not unit or len(unit) > 200:
+            raise InvalidConfigError(f"per_unit_bits: {unit!r} is not a unit name")
+        if isinstance(bits, dict):
+            if set(bits) != {"w_bits", "a_bits"}:
+                raise InvalidConfigError(f"per_unit_bits[{unit!r}] must have exactly w_bits and a_bits")
+            bits = (bits["w_bits"], bits["a_bits"])
+        if not isinstance(bits, list | tuple) or len(bits) != 2:
+            raise InvalidConfigError(f"per_unit_bits[{unit!r}] must be {{w_bits, a_bits}}, got {bits!r}")
+        out[unit] = (_check_bits(f"per_unit_bits[{unit!r}].w_bits", bits[0]),
+                     _check_bits(f"per_unit_bits[{unit!r}].a_bits", bits[1]))
+    return out
 
 
 def _coerce_enum(config: QuantConfig, name: str, enum: type[Enum]) -> None:

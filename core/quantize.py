@@ -25,6 +25,7 @@ from core.errors import CancelledError, DatasetError
 from core.quantizers import LogSqrt2Quantizer, SelectQuantizer
 from core.reconstruct import capture_unit_io, chain_links, holdout_split, reconstruct_unit, run_unit
 from core.reparameterize import reparameterize
+from core.unit_cache import UnitCache, fingerprint
 from core.wrap import find_ln_pairs, find_units, set_quant_state, wrap_model
 
 # How many standard errors of the paired held-out difference the reconstruction must win by
@@ -81,12 +82,15 @@ def _reconstruct_all(
     inputs_from_fp: bool,
     split: tuple[torch.Tensor, torch.Tensor],
     choose_softmax: bool = False,
+    cache: tuple[UnitCache, tuple] | None = None,
 ) -> list[dict[str, Any]]:
     """Reconstruct every unit in forward order.
 
     Targets always come from the float model. Inputs come from the float model (stage 1) or from
     the quantized model with every earlier unit already reconstructed (stage 3). Where a unit
     feeds the next directly, the next input is computed from the cached one in a single pass.
+    With ``cache`` (a ``UnitCache`` and the data fingerprint) a unit reconstructed before under the
+    same key is restored instead of optimised again.
     """
     units = find_units(model)
     links = chain_links(fp_model, units, images[:2])
@@ -106,6 +110,14 @@ def _reconstruct_all(
             q_in = fp_in if inputs_from_fp else capture_unit_io(model, name, images, batch, output=False)
         fp_out = run_unit(fp_model.get_submodule(name), fp_in, batch)
         base = u * config.iters
+        key = cache[0].key(stage, config, units, u, cache[1]) if cache is not None else None
+        hit = cache[0].get(key) if cache is not None else None
+        if hit is not None:
+            UnitCache.restore(model.get_submodule(name), hit[0])
+            progress.done += config.iters
+            progress.emit(stage, name, base + config.iters, total, loss=hit[1].get("loss_end"))
+            log.append({**hit[1], "cached": True})
+            continue
 
         def on_step(step: int, base: int = base, name: str = name, done_before: int = progress.done) -> None:
             progress.done = done_before + step + 1  # a skipped unit reports all its steps at once
@@ -120,6 +132,8 @@ def _reconstruct_all(
         log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end,
                     "loss_trained": result.loss_trained, "reverted": result.reverted, "skipped": result.skipped,
                     **({"softmax_quantizers": result.softmax_choice} if result.softmax_choice else {})})
+        if cache is not None:
+            cache[0].put(key, model.get_submodule(name), log[-1])
     return log
 
 
@@ -130,6 +144,7 @@ def quantize(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     device: str | torch.device | None = None,
+    unit_cache: UnitCache | None = None,
 ) -> QuantizedModel:
     """Quantize a copy of ``model`` (a timm ViT/DeiT/Swin) with ``config`` on calibration images.
 
@@ -137,6 +152,8 @@ def quantize(
     initialise the activation quantizers (``core.calibration_sample`` draws a stratified sample in
     that order); a tensor larger than ``config.calib_size`` is subsampled at random. ``should_stop`` is polled between
     optimisation steps; when it returns True a ``CancelledError`` is raised within one step.
+    ``unit_cache`` (``core.unit_cache``), shared by calls on the same model and images, restores units
+    that an earlier call reconstructed under the same bits instead of optimising them again.
     """
     dev = resolve_device(device)
     config = config.for_device(dev.type).resolved()
@@ -176,6 +193,9 @@ def quantize(
     set_quant_state(qmodel, weights=False, activations=False)
     baseline = _without_reconstruction(qmodel) if config.method == Method.ISVIT else None
     split = holdout_split(images.shape[0], config.seed, dev)  # one held-out set for every stage and the final check
+    cache = None
+    if unit_cache is not None and UnitCache.usable(config):
+        cache = (unit_cache, fingerprint(model, images))
     _check_stop(should_stop)
     lap("calibrate")
 
@@ -183,7 +203,7 @@ def quantize(
         set_quant_state(qmodel, weights=False, activations=True)
         result.reconstruction += _reconstruct_all(
             "stage1", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=True,
-            split=split, choose_softmax=True,
+            split=split, choose_softmax=True, cache=cache,
         )
         lap("stage1")
         result.reparam_logit_change, result.reparam_float32 = _reparameterize_measured(qmodel, init_images)
@@ -192,7 +212,8 @@ def quantize(
         init_weight_quantizers(qmodel)
         set_quant_state(qmodel, weights=True, activations=True)
         result.reconstruction += _reconstruct_all(
-            "stage3", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False, split=split
+            "stage3", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False, split=split,
+            cache=cache,
         )
         lap("stage3")
     else:
@@ -206,7 +227,7 @@ def quantize(
         if config.method == Method.ISVIT:
             result.reconstruction += _reconstruct_all(
                 "reconstruct", qmodel, fp_model, images, config, tracker, should_stop, inputs_from_fp=False,
-                split=split, choose_softmax=True,
+                split=split, choose_softmax=True, cache=cache,
             )
             lap("reconstruct")
     if baseline is not None:

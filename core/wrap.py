@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from core.config import Method, QuantConfig, SoftmaxQuantizer
-from core.errors import ModelSpecError
+from core.errors import InvalidConfigError, ModelSpecError
 from core.quant_attention import QuantAttention, QuantWindowAttention, _MatmulQuantizers
 from core.quant_linear import QuantConv2d, QuantLinear
 from core.quantizers import SULQ, ActQuantizer, Log2Quantizer, LogSqrt2Quantizer, SelectQuantizer, UniformQuantizer
@@ -70,30 +70,60 @@ def _post_ln_linears(model: nn.Module) -> set[int]:
     return ids
 
 
+def unit_of(name: str, units: list[str]) -> str | None:
+    """The unit (``find_units``) that module ``name`` belongs to, or None."""
+    best = None
+    for unit in units:
+        if (name == unit or name.startswith(unit + ".")) and (best is None or len(unit) > len(best)):
+            best = unit
+    return best
+
+
 def wrap_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace attention, Linear and patch-embed conv modules in place; return the model."""
+    """Replace attention, Linear and patch-embed conv modules in place; return the model.
+
+    Each quantizer gets its unit's bits (``config.unit_bits``): mixed precision is the same structure
+    with other widths, so ``core.load`` rebuilds it from the stored config.
+    """
     _check_supported(model)
     config = config.resolved()
+    units = find_units(model)
+    unknown = sorted(set(config.per_unit_bits or {}) - set(units))
+    if unknown:
+        raise InvalidConfigError(
+            f"per_unit_bits names {', '.join(map(repr, unknown[:3]))}, which this model does not have; "
+            f"its units are {', '.join(units[:4])}, …, {units[-1]}"
+        )
     channel_wise = config.method in (Method.ISVIT, Method.REPQ)
     post_ln = _post_ln_linears(model) if channel_wise else set()
-    a_bits, w_bits = config.a_bits, config.w_bits
 
-    def act(channel: bool = False) -> UniformQuantizer:
+    def bits(path: str) -> tuple[int, int]:
+        return config.unit_bits(unit_of(path, units))
+
+    def act(a_bits: int, channel: bool = False) -> UniformQuantizer:
         return UniformQuantizer(a_bits, channel_dim=-1 if channel else None)
 
-    def quant_linear(linear: nn.Linear) -> QuantLinear:
-        return QuantLinear.from_float(linear, w_bits, act(id(linear) in post_ln))
+    def quant_linear(linear: nn.Linear, path: str) -> QuantLinear:
+        w_bits, a_bits = bits(path)
+        return QuantLinear.from_float(linear, w_bits, act(a_bits, id(linear) in post_ln))
+
+    def child_path(parent_name: str, name: str) -> str:
+        return f"{parent_name}.{name}" if parent_name else name
 
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in model.modules():
+    for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
             if isinstance(child, Attention | WindowAttention):
+                path = child_path(parent_name, name)
+                a_bits = bits(path)[1]
                 quantizers = _MatmulQuantizers(
-                    act(), act(), softmax_quantizer(config.softmax_quantizer, a_bits, config.integer_exponent), act()
+                    act(a_bits), act(a_bits),
+                    softmax_quantizer(config.softmax_quantizer, a_bits, config.integer_exponent), act(a_bits),
                 )
                 cls = QuantAttention if isinstance(child, Attention) else QuantWindowAttention
                 try:
-                    new = cls(child, quant_linear(child.qkv), quant_linear(child.proj), quantizers)
+                    new = cls(child, quant_linear(child.qkv, path + ".qkv"), quant_linear(child.proj, path + ".proj"),
+                              quantizers)
                 except ValueError as exc:
                     raise ModelSpecError(f"{name}: {exc}") from None
                 replacements.append((parent, name, new))
@@ -101,19 +131,19 @@ def wrap_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         setattr(parent, name, new)
 
     replacements = []
-    for parent in model.modules():
+    for parent_name, parent in model.named_modules():
         if isinstance(parent, QuantAttention | QuantWindowAttention):
             continue
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                replacements.append((parent, name, quant_linear(child)))
+                replacements.append((parent, name, quant_linear(child, child_path(parent_name, name))))
     for parent, name, new in replacements:
         setattr(parent, name, new)
 
     proj = model.patch_embed.proj
     if not isinstance(proj, nn.Conv2d):
         raise ModelSpecError(f"patch embedding {type(proj).__name__} is not a Conv2d")
-    model.patch_embed.proj = QuantConv2d(proj, w_bits)
+    model.patch_embed.proj = QuantConv2d(proj, bits("patch_embed.proj")[0])
     model.eval()
     return model
 
@@ -140,13 +170,15 @@ def set_quant_state(model: nn.Module, *, weights: bool, activations: bool) -> No
 
 
 def find_units(model: nn.Module) -> list[str]:
-    """Reconstruction units in forward order: patch embed, blocks/patch-merging, loose Linears."""
+    """Reconstruction units in forward order: patch embed, blocks/patch-merging, loose Linears.
+
+    The same names before and after ``wrap_model`` (a loose ``nn.Linear`` becomes a ``QuantLinear``)."""
     units = ["patch_embed"]
     covered = ["patch_embed."]
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in covered):
             continue
-        if isinstance(module, UNIT_TYPES) or (isinstance(module, QuantLinear) and name):
+        if isinstance(module, UNIT_TYPES) or (isinstance(module, QuantLinear | nn.Linear) and name):
             units.append(name)
             covered.append(name + ".")
     return units

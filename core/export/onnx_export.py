@@ -150,6 +150,7 @@ def onnx_metadata(header: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": "vitq-onnx", "format_version": 1,
         "w_bits": header.get("w_bits"), "a_bits": header.get("a_bits"), "method": header.get("method"),
+        "per_unit_bits": (header.get("config") or {}).get("per_unit_bits"),
         "model": model, "preprocess": model.get("preprocess"),
         "top1": quant.get("top1"), "top5": quant.get("top5"), "fp_top1": fp.get("top1"), "n": quant.get("n"),
         "config": header.get("config"), "calibration_sha256": header.get("calibration_sha256"),
