@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from service.db import session_factory
-from service.keys import authenticate
+from service.keys import authenticate, hash_key
+from service.quotas import limits_for
 from service.settings import Settings
 from service.storage import ArtifactStore, get_store
 from service.tables import Tenant
@@ -51,7 +52,10 @@ bearer = HTTPBearer(auto_error=False, description="An API key from `vitq keys cr
 
 
 def get_tenant(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Tenant:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
@@ -63,7 +67,32 @@ def get_tenant(
     session.commit()
     if tenant is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)
+    _rate_limit(settings, tenant, credentials.credentials, response)
     return tenant
+
+
+def _rate_limit(settings: Settings, tenant: Tenant, key: str, response: Response) -> None:
+    """Requests per second per API key, counted in Redis across API processes (``api/rate_limit.py``)."""
+    from api.rate_limit import limiter_for
+
+    limits = limits_for(settings, tenant)
+    if limits.rate_limit_rps <= 0:
+        return
+    decision = limiter_for(settings.resolved_rate_limit_redis_url).hit(
+        hash_key(key)[:32], rps=limits.rate_limit_rps, burst=limits.rate_limit_burst
+    )
+    if decision is None:  # Redis unreachable: not limited
+        return
+    headers = decision.headers()
+    if not decision.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"rate limit: at most {limits.rate_limit_rps:g} requests per second per API key (bursts of "
+            f"{limits.rate_limit_burst}); retry after {headers['Retry-After']} s",
+            headers,
+        )
+    response.headers.update(headers)
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -56,6 +56,7 @@ def job_public(session: Session, job: Job) -> JobPublic:
         attempts=job.attempts,
         cancel_requested=job.cancel_requested,
         webhook=webhook,
+        artifacts_expired=bool(job.artifacts_expired),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

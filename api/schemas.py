@@ -130,6 +130,9 @@ class JobPublic(BaseModel):
     attempts: int
     cancel_requested: bool
     webhook: WebhookPublic | None
+    artifacts_expired: bool = Field(
+        False, description="The retention period (`VITQ_RETENTION_DAYS`) passed: the artifacts were removed."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

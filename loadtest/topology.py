@@ -102,6 +102,10 @@ def running_topology(
         VITQ_DATA_DIR=str(data_dir),
         # N workers on one host share its cores; each assuming all of them is 20x slower (worker/cpu_threads.py)
         VITQ_TORCH_THREADS=str(max(1, usable_cpus() // max(1, workers))),
+        # The benchmark measures capacity with one API key: the per-key rate limit and the active-job
+        # quota (docs/multi-tenant.md) would measure themselves instead.
+        VITQ_RATE_LIMIT_RPS="0",
+        VITQ_MAX_ACTIVE_JOBS="0",
         **(extra_env or {}),
     )
     migrations.upgrade(database_url)

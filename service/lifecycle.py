@@ -20,7 +20,7 @@ Events (``job_events``) are written by the transition that won, in the same tran
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -270,9 +270,12 @@ def succeed(
     progress: dict[str, Any] | None,
     artifacts: list[Artifact],
     report: Report,
+    hold_blobs: Callable[[Session], None] | None = None,
 ) -> bool:
     """``running → succeeded`` and, only if that UPDATE won, the artifact and report rows, in the same
-    transaction. A worker whose attempt is no longer current records nothing."""
+    transaction. A worker whose attempt is no longer current records nothing. ``hold_blobs`` (see
+    ``service.blob_gc.hold``) runs after the job row is won and before the rows are added, so a blob
+    shared with a job being deleted is kept, or stored again, for these rows."""
     won = _end(
         session,
         lease,
@@ -282,6 +285,8 @@ def succeed(
         extra=dict(result=summary, progress={**(progress or {}), "percent": 100.0, "eta_seconds": 0.0}),
     )
     if won:
+        if hold_blobs is not None:
+            hold_blobs(session)
         session.add_all([*artifacts, report])
     return won
 

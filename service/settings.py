@@ -60,6 +60,51 @@ class Settings(BaseSettings):
     webhook_max_retries: int = Field(5, description="Webhook delivery retries (exponential backoff).")
     webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")
     webhook_backoff_max_s: int = Field(600, description="Longest wait between webhook retries.")
+    webhook_queue: str | None = Field(
+        None,
+        description="Queue the webhook deliveries go to (`vitq webhooks` consumes it), never the job queue. "
+        "Default: `<queue>-webhooks`.",
+    )
+    webhook_concurrency: int = Field(8, ge=1, description="Deliveries one `vitq webhooks` process runs at once.")
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook targets on loopback, private, link-local, multicast, unspecified or "
+        "unique-local addresses (off: such a URL is refused at submit and at delivery).",
+    )
+    webhook_ports: str = Field(
+        "80,443,8080,8443",
+        description="Ports a webhook URL may use: a comma list of ports and ranges (`8000-8999`), or `*`.",
+    )
+
+    rate_limit_rps: float = Field(
+        100.0, ge=0, description="Requests per second per API key (0: no limit); a tenant's own value wins."
+    )
+    rate_limit_burst: int = Field(
+        200, ge=1, description="Requests a key may send at once above the steady rate; a tenant's own value wins."
+    )
+    rate_limit_redis_url: str | None = Field(
+        None,
+        description="Redis holding the rate-limit counters, shared by every API process. Default: the broker "
+        "when it is Redis; otherwise (embedded default) the counters live in the one API process.",
+    )
+    max_active_jobs: int = Field(
+        100, ge=0, description="Queued + running jobs a tenant may have (0: no limit); a tenant's own value wins."
+    )
+    max_storage_bytes: int = Field(
+        10 * 1024**3,
+        ge=0,
+        description="Bytes of uploads (datasets + models) a tenant may keep (0: no limit); a tenant's own value wins.",
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Finished jobs' artifacts older than this are removed (the row stays, with "
+        "`artifacts_expired: true`). Default: kept for ever.",
+    )
+    retention_interval_s: float = Field(3600.0, gt=0, description="How often a worker runs the retention pass.")
+    orphan_blob_grace_s: float = Field(
+        3600.0, ge=0, description="A blob no row references is removed by the retention pass after this long."
+    )
 
     @property
     def resolved_database_url(self) -> str:
@@ -82,6 +127,17 @@ class Settings(BaseSettings):
     @property
     def resolved_cache_dir(self) -> Path:
         return (self.cache_dir or self.data_dir / "cache").resolve()
+
+    @property
+    def resolved_webhook_queue(self) -> str:
+        return self.webhook_queue or f"{self.queue}-webhooks"
+
+    @property
+    def resolved_rate_limit_redis_url(self) -> str | None:
+        if self.rate_limit_redis_url:
+            return self.rate_limit_redis_url
+        broker = self.resolved_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else None
 
     @property
     def is_filesystem_broker(self) -> bool:

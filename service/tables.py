@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -94,6 +95,11 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     webhook_secret: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The tenant's own limits; NULL takes the default from settings (``service.quotas``).
+    rate_limit_rps: Mapped[float | None] = mapped_column(Float, default=None)
+    rate_limit_burst: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class ApiKey(Base):
@@ -176,6 +182,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    artifacts_expired: Mapped[bool] = mapped_column(Boolean, default=False)
+    """The retention pass removed the artifacts (``VITQ_RETENTION_DAYS``); the row stays."""
 
 
 class JobEvent(Base):
@@ -229,3 +237,17 @@ class Report(Base):
     seconds_total: Mapped[float | None] = mapped_column(Float, default=None)
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Blob(Base):
+    """One row per blob a writer or the collector has locked (``service.blob_gc``).
+
+    Writers (uploads, the worker's artifacts) and the collector take this row's lock (an upsert) in
+    the transaction that adds or removes the rows referencing ``sha256``, so a blob is never removed
+    while a row that needs it is being recorded. The bytes are in the artifact store.
+    """
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    held_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -87,6 +87,10 @@ class Client:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def delete_job(self, job_id: str) -> None:
+        """Cancel the job if it is unfinished and remove it and its artifacts."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
     def wait(
         self,
         job_id: str,
@@ -172,6 +176,9 @@ class Client:
             data["preprocess"] = json.dumps(preprocess)
         with open(path, "rb") as f:
             return self._request("POST", "/v1/models", files={"file": (path.name, f)}, data=data).json()
+
+    def delete_model(self, model_id: str) -> None:
+        self._request("DELETE", f"/v1/models/{model_id}")
 
     def list_models(self) -> dict[str, Any]:
         return self._request("GET", "/v1/models").json()

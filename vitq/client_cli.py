@@ -148,6 +148,28 @@ def cmd_models_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """``vitq jobs|datasets|models delete ID``: 0 when deleted, 2 with the API's reason otherwise."""
+    from vitq.client import VitqApiError
+
+    with _client(args) as client:
+        delete = {"jobs": client.delete_job, "datasets": client.delete_dataset, "models": client.delete_model}
+        try:
+            delete[args.resource](args.id)
+        except VitqApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(f"deleted {args.id}", file=sys.stderr)
+    return 0
+
+
+def _add_delete(subparsers: argparse._SubParsersAction, resource: str, helptext: str) -> None:
+    p = subparsers.add_parser("delete", help=helptext)
+    p.add_argument("id")
+    _client_args(p)
+    p.set_defaults(func=cmd_delete, resource=resource)
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from vitq.client import VitqApiError
 
@@ -210,6 +232,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="one artifact (default: all)")
     _client_args(p)
     p.set_defaults(func=cmd_jobs_download)
+    _add_delete(jobs, "jobs", "delete a job (cancelled first if unfinished) and its artifacts")
     _add_resource_commands(subparsers)
 
 
@@ -221,6 +244,7 @@ def _add_resource_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("file")
     _client_args(p)
     p.set_defaults(func=cmd_datasets_upload)
+    _add_delete(datasets, "datasets", "delete a dataset (refused while a queued or running job uses it)")
 
     models = subparsers.add_parser("models", help="models through the REST API").add_subparsers(
         dest="models_command", required=True
@@ -232,6 +256,7 @@ def _add_resource_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preprocess", default=None, help="JSON object (mean, std, input_size, …)")
     _client_args(p)
     p.set_defaults(func=cmd_models_upload)
+    _add_delete(models, "models", "delete an uploaded model (refused while a queued or running job uses it)")
 
     p = subparsers.add_parser("results", help="compare finished runs (FP vs quantized top-1)")
     p.add_argument("--model")

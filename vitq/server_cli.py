@@ -1,4 +1,4 @@
-"""Server verbs of the ``vitq`` CLI: serve, api, worker, migrate, keys. They run the service's own
+"""Server verbs of the ``vitq`` CLI: serve, api, worker, webhooks, migrate, keys, tenants. They run the service's own
 processes and talk to its database directly.
 
 ``vitq.cli`` calls ``add_server_commands(subparsers)``; ``python -m vitq.server_cli`` runs the same
@@ -80,6 +80,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(_settings(), concurrency=args.concurrency, loglevel=args.log_level.upper())
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from worker.main import run_webhook_worker
+
+    return run_webhook_worker(_settings(), concurrency=args.concurrency, loglevel=args.log_level.upper())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded default: SQLite + filesystem broker + local store, the API and one worker process."""
     import uvicorn
@@ -98,6 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker_cmd = [sys.executable, "-m", "vitq.server_cli", "worker", "--log-level", args.log_level]
     # Its own process group, so stopping `serve` can take the Celery pool child down with it.
     worker = subprocess.Popen(worker_cmd, env=os.environ.copy(), start_new_session=True)
+    # Webhooks have their own queue and consumer, so a long job never holds another job's notification.
+    webhooks_cmd = [sys.executable, "-m", "vitq.server_cli", "webhooks", "--log-level", args.log_level]
+    webhooks = subprocess.Popen(webhooks_cmd, env=os.environ.copy(), start_new_session=True)
 
     def _stop(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -109,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         terminate_process_group(worker)
+        terminate_process_group(webhooks)
     return 0
 
 
@@ -182,6 +192,51 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0 if revoked else 1
 
 
+# -- tenants ---------------------------------------------------------------------------------------
+
+LIMIT_OPTIONS = {
+    "rps": ("rate_limit_rps", float),
+    "burst": ("rate_limit_burst", int),
+    "max_active_jobs": ("max_active_jobs", int),
+    "max_storage_bytes": ("max_storage_bytes", int),
+}
+
+
+def cmd_tenants_limits(args: argparse.Namespace) -> int:
+    """Show a tenant's limits, or set (a number) or reset (``default``) some of them."""
+    from sqlalchemy import select
+
+    from service.db import session_scope
+    from service.quotas import limits_for, set_limits
+    from service.tables import Tenant
+
+    settings = _settings()
+    changes: dict[str, float | int | None] = {}
+    for option, (column, kind) in LIMIT_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            try:
+                changes[column] = None if value == "default" else kind(value)
+            except ValueError:
+                print(f"error: --{option.replace('_', '-')} must be a number or 'default'", file=sys.stderr)
+                return 2
+    with session_scope(settings.resolved_database_url) as session:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == args.tenant))
+        if tenant is None:
+            print(f"error: no tenant {args.tenant!r}", file=sys.stderr)
+            return 1
+        try:
+            set_limits(session, tenant, **changes)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        session.flush()
+        effective = limits_for(settings, tenant)
+        own = {column: getattr(tenant, column) for column, _ in LIMIT_OPTIONS.values()}
+    print(json.dumps({"tenant": args.tenant, "effective": effective.__dict__, "own": own}))
+    return 0
+
+
 # -- wiring ----------------------------------------------------------------------------------------
 
 
@@ -206,6 +261,11 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_worker)
 
+    p = subparsers.add_parser("webhooks", help="deliver webhooks from their own queue (never behind jobs)")
+    p.add_argument("--concurrency", type=_at_least_one, default=None, help="default $VITQ_WEBHOOK_CONCURRENCY")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_webhooks)
+
     p = subparsers.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     p.set_defaults(func=cmd_migrate)
 
@@ -217,6 +277,15 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     p = keys.add_parser("revoke", help="revoke an API key (by key id or the key itself)")
     p.add_argument("key")
     p.set_defaults(func=cmd_keys_revoke)
+
+    tenants = subparsers.add_parser("tenants", help="tenants").add_subparsers(dest="tenants_command", required=True)
+    p = tenants.add_parser("limits", help="show or set a tenant's rate limit and quotas ('default' resets one)")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--rps", help="requests per second per API key (0: none)")
+    p.add_argument("--burst", help="requests at once above the rate")
+    p.add_argument("--max-active-jobs", dest="max_active_jobs", help="queued + running jobs (0: none)")
+    p.add_argument("--max-storage-bytes", dest="max_storage_bytes", help="bytes of uploads (0: none)")
+    p.set_defaults(func=cmd_tenants_limits)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from core import CancelledError, QuantConfig, VitqError, run_quantization
-from service import lifecycle
+from service import blob_gc, lifecycle
 from service.archives import Limits
 from service.db import session_scope
 from service.job_inputs import data_path, spec_from_stored
@@ -206,6 +206,14 @@ def _result_rows(
     return artifacts, row, summary
 
 
+def _blob_holder(settings: Settings, artifacts: list[Artifact], out: Path) -> Callable[[Any], None]:
+    """Locks the artifacts' blobs in the success transaction (stored again if a deletion of another job
+    that shared them removed them meanwhile), so the rows never point at a removed blob."""
+    store = get_store(settings.resolved_storage_dir)
+    sources = {a.sha256: out / a.name for a in artifacts}
+    return lambda session: blob_gc.hold(session, store, sources)
+
+
 @dataclass(frozen=True)
 class JobInputs:
     """What the runner reads from the row once, right after the claim."""
@@ -306,6 +314,7 @@ def run_job(
                 progress=monitor.last_progress,
                 artifacts=artifacts,
                 report=report_row,
+                hold_blobs=_blob_holder(settings, artifacts, scratch / "out"),
             )
         except OSError as exc:  # rolled back: no artifact row points at a blob that is not whole
             return _fail_storage(settings, lease, exc)

@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that take an id and call ``worker.runner`` / ``worker.webhooks``."""
+"""The job task: a thin wrapper that takes an id and calls ``worker.runner``; when the job ended it
+queues the webhook on the webhook queue (``worker.webhook_tasks`` delivers it, in another process)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import logging
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.queue import DELIVER_WEBHOOK, RUN_JOB, send_webhook
+from service.queue import RUN_JOB, send_webhook
 from service.settings import get_settings
 from worker.runner import run_job as run_job_now
-from worker.webhooks import WebhookDeliveryError, deliver_once
 
 log = logging.getLogger("vitq.worker")
 
@@ -33,17 +33,7 @@ def _maybe_webhook(job_id: str) -> None:
         job = session.get(Job, job_id)
         url = job.webhook_url if job is not None else None
     if url:
-        send_webhook(settings, job_id)
-
-
-@shared_task(name=DELIVER_WEBHOOK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
-def deliver_webhook(self, job_id: str) -> bool | None:  # noqa: ANN001
-    settings = get_settings()
-    try:
-        return deliver_once(settings, job_id)
-    except WebhookDeliveryError as exc:
-        if self.request.retries >= settings.webhook_max_retries:
-            log.warning("webhook for %s gave up after %d retries: %s", job_id, self.request.retries, exc)
-            return False
-        countdown = min(settings.webhook_backoff_max_s, 2 ** (self.request.retries + 1))
-        raise self.retry(exc=exc, countdown=countdown) from None
+        try:
+            send_webhook(settings, job_id)
+        except Exception:  # the job's end is recorded; a lost notification must not fail the task
+            log.exception("could not queue the webhook of job %s", job_id)

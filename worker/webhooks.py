@@ -19,10 +19,15 @@ from sqlalchemy import func, select
 from service.db import session_scope
 from service.settings import Settings
 from service.tables import Job, JobEvent, JobStatus, Tenant
+from service.webhook_targets import Target, WebhookTargetError, check
 
 
 class WebhookDeliveryError(Exception):
-    pass
+    """A failed attempt worth retrying (network error, 5xx, …)."""
+
+
+class WebhookRefused(Exception):
+    """An attempt that retrying cannot fix: the target is refused by the SSRF guard, or redirected."""
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -83,16 +88,27 @@ def deliver_once(settings: Settings, job_id: str) -> bool | None:
     }
     status_code: int | None = None
     error: str | None = None
+    retry = True
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=settings.webhook_timeout_s)
-        status_code = response.status_code
-        ok = 200 <= status_code < 300
-        if not ok:
-            error = f"HTTP {status_code}"
-    except httpx.HTTPError as exc:
-        ok = False
-        error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        target = check(url, settings)  # resolved again now; the connection goes to the checked address
+    except WebhookTargetError as exc:
+        ok, retry, error = False, False, str(exc)
+    else:
+        try:
+            response = post(target, body, headers, timeout=settings.webhook_timeout_s)
+            status_code = response.status_code
+            ok = 200 <= status_code < 300
+            if response.is_redirect:
+                retry = False
+                error = f"HTTP {status_code}: redirects are not followed"
+            elif not ok:
+                error = f"HTTP {status_code}"
+        except httpx.HTTPError as exc:
+            ok = False
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
     with session_scope(settings.resolved_database_url) as session:
+        if session.get(Job, job_id) is None:  # deleted meanwhile: nothing to record
+            return None
         session.add(
             JobEvent(
                 job_id=job_id,
@@ -102,5 +118,24 @@ def deliver_once(settings: Settings, job_id: str) -> bool | None:
             )
         )
     if not ok:
-        raise WebhookDeliveryError(error or "delivery failed")
+        raise (WebhookDeliveryError if retry else WebhookRefused)(error or "delivery failed")
     return True
+
+
+def build_request(client: httpx.Client, target: Target, body: bytes, headers: dict[str, str]) -> httpx.Request:
+    """The POST to the checked address: the URL names the IP, ``Host`` the name, and for https the TLS
+    server name (SNI and the certificate check) is the name as well."""
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return client.build_request(
+        "POST",
+        target.pinned_url,
+        content=body,
+        headers={**headers, "host": target.host_header},
+        extensions=extensions,
+    )
+
+
+def post(target: Target, body: bytes, headers: dict[str, str], *, timeout: float) -> httpx.Response:
+    # trust_env=False: no proxy from the environment gets to pick another destination.
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        return client.send(build_request(client, target, body, headers), follow_redirects=False)

@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
 from api.schemas import DatasetPublic, DatasetsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
 from core import DatasetError
+from service import blob_gc
 from service.archives import ArchiveError, Limits, validate_upload
-from service.tables import FINISHED_STATUSES, Dataset, Job, Model, new_id
+from service.quotas import QuotaExceeded, check_storage
+from service.tables import Dataset, new_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -27,6 +29,14 @@ def _get(session: SessionDep, tenant_id: str, dataset_id: str) -> Dataset:
     if row is None:
         raise not_found("dataset", dataset_id)
     return row
+
+
+def check_storage_quota(session: SessionDep, settings: SettingsDep, tenant: TenantDep, size: int) -> None:
+    """``max_storage_bytes`` per tenant (datasets + models): 409 naming the quota, nothing stored."""
+    try:
+        check_storage(session, settings, tenant, adding=size)
+    except QuotaExceeded as exc:
+        raise ApiError(409, "quota_exceeded", exc.message) from None
 
 
 @router.post("", status_code=201, summary="Upload a dataset (.npz, or ImageFolder .zip/.tar/.tar.gz)")
@@ -43,11 +53,12 @@ def upload_dataset(
     with scratch_dir(settings.resolved_cache_dir / "uploads") as tmp:
         raw = tmp / "upload"
         size = save_upload(file, raw, max_bytes=settings.max_upload_bytes)
+        check_storage_quota(session, settings, tenant, size)
         try:
             fmt, path, info = validate_upload(raw, filename, tmp, limits)
         except (ArchiveError, DatasetError) as exc:
             raise ApiError(422, "invalid_dataset", str(exc)) from None
-        sha, _ = store.put_file(path if fmt == "npz" else raw)
+        sha, _ = blob_gc.store_and_hold(session, store, path if fmt == "npz" else raw)
     row = Dataset(
         id=new_id("ds"),
         tenant_id=tenant.id,
@@ -82,23 +93,12 @@ def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dat
 
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset not used by an unfinished job")
 def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
+    """409 while a queued or running job reads it; the blob goes only when no row (any tenant's) names it."""
     row = _get(session, tenant.id, dataset_id)
-    in_use = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.tenant_id == tenant.id,
-            Job.status.not_in(FINISHED_STATUSES),
-            (Job.calibration == row.id) | (Job.evaluation == row.id),
-        )
-    )
+    in_use = blob_gc.active_jobs_using(session, tenant_id=tenant.id, dataset_id=row.id)
     if in_use:
-        raise ApiError(409, "dataset_in_use", f"dataset {row.id} is used by {in_use} unfinished job(s)")
-    sha = row.sha256
-    session.delete(row)
+        raise ApiError(409, "dataset_in_use", f"dataset {row.id} is used by {in_use} queued or running job(s)")
+    sha = blob_gc.delete_upload(session, row)
     session.commit()
-    others = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.sha256 == sha))
-    models = session.scalar(select(func.count()).select_from(Model).where(Model.sha256 == sha))
-    if not others and not models:
-        store.delete(sha)
+    blob_gc.release(session, store, [sha])
     return Response(status_code=204)

@@ -16,10 +16,13 @@ from api.errors import ApiError
 from api.jobs_view import get_job, job_public
 from api.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from core import QuantConfig
-from service import lifecycle
+from service import blob_gc, lifecycle
 from service.job_inputs import check_data_fits, describe_data, resolve_model
 from service.queue import send_run_job, send_webhook
+from service.quotas import QuotaExceeded, check_active_jobs
 from service.tables import Job, JobEvent, JobStatus, new_id
+from service.webhook_targets import WebhookTargetError
+from service.webhook_targets import check as check_webhook_target
 
 log = logging.getLogger("vitq.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -70,6 +73,10 @@ def create_job(
         evaluation = describe_data(session, tenant_id=tenant.id, ref=body.evaluation, role="evaluation")
         check_data_fits(model.spec, evaluation, role="evaluation")
 
+    if body.webhook_url is not None:
+        check_webhook_url(body.webhook_url, settings)
+    check_job_quota(session, settings, tenant)
+
     job = Job(
         id=new_id("job"),
         tenant_id=tenant.id,
@@ -105,6 +112,23 @@ def create_job(
 
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return _job_response(response, session, job)
+
+
+def check_webhook_url(url: str, settings: SettingsDep) -> None:
+    """The SSRF guard at submit: 422 saying why an internal or disallowed target is refused."""
+    try:
+        check_webhook_target(url, settings)
+    except WebhookTargetError as exc:
+        raise ApiError(422, "webhook_url_refused", str(exc)) from None
+
+
+def check_job_quota(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> None:
+    """At most ``max_active_jobs`` queued + running jobs per tenant (429 naming the quota)."""
+    try:
+        check_active_jobs(session, settings, tenant)
+    except QuotaExceeded as exc:
+        session.rollback()
+        raise ApiError(429, "quota_exceeded", exc.message, {"Retry-After": str(exc.retry_after_s or 30)}) from None
 
 
 def _replay(existing: Job, request_hash: str, response: Response, session: SessionDep) -> JobPublic:
@@ -181,3 +205,19 @@ def job_events(job_id: str, session: SessionDep, tenant: TenantDep) -> JobEvents
     return JobEventsPublic(
         data=[JobEventPublic(at=e.at, kind=e.kind, message=e.message, data=e.data) for e in events]
     )
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete a job: cancel it if unfinished, remove its artifacts")
+def delete_job(job_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
+    """A queued job is cancelled, a running one asked to stop (its worker finds the row gone at its next
+    heartbeat and drops the work); then the row, its events, report and artifact rows go, and each blob
+    no other row names (any tenant's) is removed from the store."""
+    job = get_job(session, tenant_id=tenant.id, job_id=job_id)
+    if job.status == JobStatus.QUEUED.value:
+        lifecycle.cancel_queued(session, job_id=job.id, attempt=job.attempts)
+    elif job.status == JobStatus.RUNNING.value:
+        lifecycle.request_cancel(session, job_id=job.id, attempt=job.attempts)
+    shas = blob_gc.delete_job(session, job.id)
+    session.commit()
+    blob_gc.release(session, store, shas)
+    return Response(status_code=204)

@@ -11,10 +11,12 @@ from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
+from api.routes.datasets import check_storage_quota
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
 from core import ModelSpecError, build_model, list_builtin_models, resolve_model_spec
 from core.models import looks_like_safetensors, unwrap_state_dict
+from service import blob_gc
 from service.tables import Model, new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -117,6 +119,7 @@ def upload_model(
     with scratch_dir(settings.resolved_cache_dir / "uploads") as tmp:
         raw = tmp / "upload"
         size = save_upload(file, raw, max_bytes=settings.max_upload_bytes)
+        check_storage_quota(session, settings, tenant, size)
         weights = tmp / "model.safetensors"
         _to_safetensors(raw, filename, weights)
         spec_dict: dict[str, Any] = {
@@ -131,7 +134,7 @@ def upload_model(
         except (ModelSpecError, TypeError, ValueError, KeyError, RuntimeError) as exc:
             # timm raises plain TypeError/RuntimeError for kwargs it rejects or shapes that do not fit.
             raise ApiError(422, "invalid_model", f"the checkpoint does not fit {timm_name}: {exc}") from None
-        sha, _ = store.put_file(weights)
+        sha, _ = blob_gc.store_and_hold(session, store, weights)
     row = Model(
         id=new_id("mdl"),
         tenant_id=tenant.id,
@@ -164,3 +167,21 @@ def read_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPu
     if row is None:
         raise not_found("model", model_id)
     return _upload_public(row)
+
+
+@router.delete("/{model_id}", status_code=204, summary="Delete an uploaded model not used by an unfinished job")
+def delete_model(model_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
+    """409 while a queued or running job uses it (built-in models cannot be deleted); the blob goes only
+    when no row (any tenant's) names it."""
+    if any(m["id"] == model_id for m in list_builtin_models()):
+        raise ApiError(409, "builtin_model", f"{model_id!r} is a built-in model and cannot be deleted")
+    row = session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant.id))
+    if row is None:
+        raise not_found("model", model_id)
+    in_use = blob_gc.active_jobs_using(session, tenant_id=tenant.id, model_id=row.id)
+    if in_use:
+        raise ApiError(409, "model_in_use", f"model {row.id} is used by {in_use} queued or running job(s)")
+    sha = blob_gc.delete_upload(session, row)
+    session.commit()
+    blob_gc.release(session, store, [sha])
+    return Response(status_code=204)

@@ -22,20 +22,23 @@ def compose() -> dict:
 
 def test_compose_services_and_order(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
-    for name in ("postgres", "redis", "api", "worker"):
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker", "webhooks"}
+    for name in ("postgres", "redis", "api", "worker", "webhooks"):
         check = services[name]["healthcheck"]
         assert check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1, name
     assert services["migrate"]["command"] == ["vitq", "migrate"]
     assert services["migrate"]["restart"] == "no"
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "webhooks"):
         deps = services[name]["depends_on"]
         assert deps["migrate"] == {"condition": "service_completed_successfully"}
         assert deps["postgres"] == {"condition": "service_healthy"}
         assert deps["redis"] == {"condition": "service_healthy"}
     assert services["api"]["command"][:2] == ["vitq", "api"]
     assert services["worker"]["command"][:2] == ["vitq", "worker"]
+    # webhooks have their own consumer (CPU image), never behind the GPU worker's jobs
+    assert services["webhooks"]["command"][:2] == ["vitq", "webhooks"]
+    assert services["webhooks"]["image"] == services["api"]["image"]
     assert "8000:8000" in services["api"]["ports"]
 
 
@@ -48,7 +51,7 @@ def test_compose_gpu_worker(compose):
 
 def test_compose_environment_is_settings(compose):
     fields = {f"VITQ_{name.upper()}" for name in Settings.model_fields}
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", "worker", "webhooks"):
         env = compose["services"][name]["environment"]
         assert env["VITQ_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["VITQ_BROKER_URL"].startswith("redis://redis:6379")

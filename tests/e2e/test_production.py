@@ -51,6 +51,8 @@ def production(tmp_path_factory, migrated_pg, redis_url):
         VITQ_DATA_DIR=str(data_dir),
         VITQ_HEARTBEAT_INTERVAL_S="1",
         VITQ_PROGRESS_INTERVAL_S="0.5",
+        VITQ_WEBHOOK_ALLOW_PRIVATE="1",  # the receiver is on 127.0.0.1
+        VITQ_WEBHOOK_PORTS="*",
     )
     key = subprocess.run(
         vitq_command("keys", "create", "--tenant", f"e2e-{secrets.token_hex(3)}"),
@@ -64,6 +66,7 @@ def production(tmp_path_factory, migrated_pg, redis_url):
     port = free_port()
     api = start(vitq_command("api", "--host", "127.0.0.1", "--port", str(port)), env, data_dir / "api.log")
     worker = start(vitq_command("worker"), env, data_dir / "worker.log")
+    webhooks = start(vitq_command("webhooks"), env, data_dir / "webhooks.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/readyz", proc=api)
@@ -71,8 +74,9 @@ def production(tmp_path_factory, migrated_pg, redis_url):
     finally:
         stop(api)
         stop(worker)
+        stop(webhooks)
         _drop_queue_keys(redis_url, env["VITQ_QUEUE"])
-        for name in ("api.log", "worker.log"):
+        for name in ("api.log", "worker.log", "webhooks.log"):
             print(f"--- {name} (tail)\n" + (data_dir / name).read_text(errors="replace")[-3000:])
 
 

@@ -1,0 +1,89 @@
+"""The retention pass (``VITQ_RETENTION_DAYS``): finished jobs' artifacts past that age are removed and
+the job row stays, with ``artifacts_expired: true``; blobs no row names any more go with them. Each
+pass also removes orphaned blobs (no row names them, older than ``VITQ_ORPHAN_BLOB_GRACE_S``) and this
+host's cached copies of blobs that are gone. Every worker runs it every ``VITQ_RETENTION_INTERVAL_S``;
+two workers' passes expire each job once (a compare-and-set in ``service.blob_gc``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+from service import blob_gc
+from service.db import session_scope
+from service.settings import Settings
+from service.storage import get_store
+from service.tables import utcnow
+
+log = logging.getLogger("vitq.worker")
+
+
+def retention_pass(settings: Settings) -> dict[str, list[str]]:
+    """One pass; returns the jobs whose artifacts expired and the blobs removed."""
+    store = get_store(settings.resolved_storage_dir)
+    expired: list[str] = []
+    removed: list[str] = []
+    with session_scope(settings.resolved_database_url) as session:
+        if settings.retention_days is not None:
+            cutoff = utcnow() - timedelta(days=settings.retention_days)
+            for job_id in blob_gc.expired_jobs(session, older_than=cutoff):
+                gone = blob_gc.expire_job_artifacts(session, store, job_id)
+                if gone is not None:
+                    expired.append(job_id)
+                    removed.extend(gone)
+        removed.extend(
+            blob_gc.sweep_orphans(
+                session, settings.resolved_storage_dir, store, grace_s=settings.orphan_blob_grace_s
+            )
+        )
+    prune_cache(settings.resolved_cache_dir, store)
+    if expired or removed:
+        log.info("retention: artifacts expired for %d job(s), %d blob(s) removed", len(expired), len(removed))
+    return {"expired": expired, "removed": removed}
+
+
+def prune_cache(cache_dir: Path, store: object) -> list[Path]:
+    """Remove this host's copies (extracted datasets, model files) of blobs no longer in the store."""
+    pruned = []
+    candidates = list((cache_dir / "datasets").glob("*")) + list((cache_dir / "models").glob("*.safetensors"))
+    for path in candidates:
+        sha = path.name.split(".", 1)[0]
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            continue
+        if not store.exists(sha):  # type: ignore[attr-defined]
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            pruned.append(path)
+    return pruned
+
+
+class Retention:
+    """Runs :func:`retention_pass` shortly after worker start and then every ``retention_interval_s``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vitq-retention", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        if self._stop.wait(min(30.0, self.settings.retention_interval_s)):
+            return
+        while True:
+            try:
+                retention_pass(self.settings)
+            except Exception as exc:  # database down, store unreadable: the next pass tries again
+                log.warning("retention pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
+            if self._stop.wait(self.settings.retention_interval_s):
+                return
