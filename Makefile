@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install test lint imports demo bench ablation clean
+.PHONY: install test lint imports demo bench ablation fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: install
 	$(BIN)/vitq bench --model fmnist-vit-tiny --preset quick --bits 3,4,6 \
 	  --methods isvit,repq,ptq-uniform --calib fashion-mnist:train:1024 \
 	  --eval fashion-mnist:test --json bench-out/bench.json
+
+# The upload fuzzer's long profile: random, 10x the cases of `make test` (tests/api/test_upload_fuzz.py).
+fuzz: install
+	VITQ_FUZZ_PROFILE=long $(BIN)/python -m pytest -q -s tests/api/test_upload_fuzz.py
 
 ablation: install
 	$(BIN)/vitq ablation --model fmnist-vit-tiny --preset quick --iters 20 --bits 3 --seeds 3 \

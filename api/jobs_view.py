@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import not_found
+from api.errors import ApiError, echo, not_found
 from api.schemas import JobPublic, WebhookDelivery, WebhookPublic
 from service.tables import Job, JobEvent
+
+JOB_CURSOR = re.compile(r"^job_[0-9a-f]{24}$")
+"""A page cursor is the last job id of the previous page (``service.tables.new_id``: 24 hex digits)."""
+
+
+def check_cursor(cursor: str) -> str:
+    """400 for a cursor this API did not hand out (``garbage`` gave an empty page, ``zzzz`` the first)."""
+    if not JOB_CURSOR.match(cursor):
+        raise ApiError(400, "invalid_cursor", f"cursor {echo(cursor)} is not one this API returned as next_cursor")
+    return cursor
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:

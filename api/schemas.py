@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 Bits = Annotated[StrictInt, Field(ge=2, le=8, description="Bit width, 2 to 8.")]
 DATA_REF_DOC = "`fashion-mnist:train[:N]`, `fashion-mnist:test[:N]`, or an uploaded dataset id (`ds_…`)."
@@ -27,9 +27,9 @@ class JobOptions(BaseModel):
     calib_size: StrictInt | None = Field(None, ge=1, le=100_000)
     batch_size: StrictInt | None = Field(None, ge=1, le=4096)
     seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
-    lr: float | None = Field(None, gt=0, lt=1)
+    lr: float | None = Field(None, gt=0, lt=1, strict=True)
     softmax_quantizer: Literal["sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform"] | None = None
-    sos: bool | None = None
+    sos: StrictBool | None = None
 
 
 class JobCreate(BaseModel):

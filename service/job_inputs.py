@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import DatasetError, ModelSpecError, list_builtin_models, resolve_model_spec
 from core.data import FASHION_MNIST_SPEC
+from core.models import MAX_PARAMETERS, check_parameter_count, model_num_classes
 from service.archives import Limits, materialize_dataset
 from service.storage import ArtifactStore
 from service.tables import Dataset, Model
@@ -49,12 +50,19 @@ class ResolvedModel:
 
 
 def resolve_model(
-    session: Session, store: ArtifactStore, *, tenant_id: str, ref: str | dict, cache_dir: Path
+    session: Session,
+    store: ArtifactStore,
+    *,
+    tenant_id: str,
+    ref: str | dict,
+    cache_dir: Path,
+    max_parameters: int = MAX_PARAMETERS,
 ) -> ResolvedModel:
     if isinstance(ref, dict):
         stored = {"kind": "timm", "timm_name": ref["timm_name"], "timm_kwargs": ref.get("timm_kwargs") or {}}
+        refuse_pretrained(stored["timm_kwargs"])
         spec = spec_from_stored(stored, store, cache_dir)
-        check_buildable(spec)
+        check_buildable(spec, max_parameters=max_parameters)
         return ResolvedModel(ref["timm_name"], stored, spec)
     if ref in builtin_ids():
         stored = {"kind": "builtin", "id": ref}
@@ -76,14 +84,24 @@ def resolve_model(
     return ResolvedModel(row.id, stored, spec_from_stored(stored, store, cache_dir))
 
 
-def check_buildable(spec: Any) -> None:
-    """Build the architecture on the meta device: rejects kwargs timm does not take, no memory used."""
-    import torch
+PRETRAINED_REFUSED = (
+    "timm_kwargs.pretrained: this service runs offline and downloads no weights; upload them with "
+    "POST /v1/models (safetensors, or a .pth state dict) and name the returned model id"
+)
 
-    from core.models import create_architecture
 
-    with torch.device("meta"):
-        create_architecture(spec)
+def refuse_pretrained(timm_kwargs: dict[str, Any]) -> None:
+    """``pretrained`` would make timm fetch weights from the model hub (46.8 s before it failed offline):
+    refused at once, unless it is literally ``false``."""
+    if "pretrained" in timm_kwargs and timm_kwargs["pretrained"] is not False:
+        raise ModelSpecError(PRETRAINED_REFUSED)
+
+
+def check_buildable(spec: Any, *, max_parameters: int = MAX_PARAMETERS) -> int:
+    """Count the architecture's parameters on the meta device (a few small builds whatever the depth, so
+    the API's work per request is bounded); rejects kwargs timm does not take and models above
+    ``max_parameters``. Returns the count."""
+    return check_parameter_count(spec, max_parameters)
 
 
 def model_file(store: ArtifactStore, sha256: str, cache_dir: Path) -> Path:
@@ -158,17 +176,11 @@ def check_data_fits(spec: Any, info: dict[str, Any], *, role: str) -> None:
             )
     if role == "evaluation" and not info.get("has_labels"):
         raise DatasetError("evaluation: the dataset has no labels, so accuracy cannot be measured")
-    num_classes = _model_classes(spec)
+    num_classes = model_num_classes(spec)
     if num_classes and info.get("num_classes") and int(info["num_classes"]) > num_classes:
         raise DatasetError(
             f"{role}: the dataset has {info['num_classes']} classes but the model predicts {num_classes}"
         )
-
-
-def _model_classes(spec: Any) -> int | None:
-    kwargs = getattr(spec, "timm_kwargs", None) or {}
-    value = kwargs.get("num_classes")
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def data_path(session: Session, store: ArtifactStore, *, ref: str, cache_dir: Path, limits: Limits) -> str:

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(900.0, description="A request body must arrive within this many seconds.")
     max_archive_members: int = Field(200_000, description="Most members an uploaded archive may hold.")
     max_archive_bytes: int = Field(4 * 1024**3, description="Largest uncompressed archive (bytes).")
+    max_model_parameters: int = Field(
+        400_000_000,
+        ge=1,
+        description="Most parameters a job's or an upload's model may have, counted on the meta device before "
+        "anything is built (ViT-L/16 has 304 M; the I&S-ViT paper's largest model, Swin-B, 88 M).",
+    )
 
     job_soft_time_limit_s: int = Field(6 * 3600, description="Soft time limit of one job (seconds).")
     job_time_limit_s: int = Field(6 * 3600 + 300, description="Hard time limit of one job (seconds).")

@@ -9,15 +9,17 @@ from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
+from api.request_body import StrictRoute
 from api.schemas import DatasetPublic, DatasetsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
 from core import DatasetError
 from service import blob_gc
 from service.archives import ArchiveError, Limits, validate_upload
 from service.quotas import QuotaExceeded, check_storage
+from service.storage import store_then_record
 from service.tables import Dataset, new_id
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=StrictRoute)
 
 
 def _public(row: Dataset) -> DatasetPublic:
@@ -58,22 +60,24 @@ def upload_dataset(
             fmt, path, info = validate_upload(raw, filename, tmp, limits)
         except (ArchiveError, DatasetError) as exc:
             raise ApiError(422, "invalid_dataset", str(exc)) from None
-        sha, _ = blob_gc.store_and_hold(session, store, path if fmt == "npz" else raw)
-    row = Dataset(
-        id=new_id("ds"),
-        tenant_id=tenant.id,
-        filename=filename,
-        format=fmt,
-        sha256=sha,
-        size_bytes=size,
-        n=int(info["n"]),
-        image_shape=[int(v) for v in info["image_shape"]],
-        num_classes=int(info["num_classes"]) if info.get("num_classes") is not None else None,
-        has_labels=bool(info["has_labels"]),
-        normalized=bool(info.get("normalized", False)),
-    )
-    session.add(row)
-    session.commit()
+        row = store_then_record(
+            session,
+            store,
+            path if fmt == "npz" else raw,
+            lambda sha, _: Dataset(
+                id=new_id("ds"),
+                tenant_id=tenant.id,
+                filename=filename,
+                format=fmt,
+                sha256=sha,
+                size_bytes=size,
+                n=int(info["n"]),
+                image_shape=[int(v) for v in info["image_shape"]],
+                num_classes=int(info["num_classes"]) if info.get("num_classes") is not None else None,
+                has_labels=bool(info["has_labels"]),
+                normalized=bool(info.get("normalized", False)),
+            ),
+        )
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return _public(row)
 

@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
-from api.jobs_view import get_job, job_public
+from api.jobs_view import check_cursor, get_job, job_public
+from api.request_body import StrictRoute
 from api.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from core import QuantConfig
 from service import blob_gc, lifecycle
@@ -25,7 +26,7 @@ from service.webhook_targets import WebhookTargetError
 from service.webhook_targets import check as check_webhook_target
 
 log = logging.getLogger("vitq.api")
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictRoute)
 RETRY_AFTER_S = "2"
 CANCEL_TRIES = 3
 
@@ -65,7 +66,8 @@ def create_job(
     ).resolved()
     model_ref = body.model.model_dump() if not isinstance(body.model, str) else body.model
     model = resolve_model(
-        session, store, tenant_id=tenant.id, ref=model_ref, cache_dir=settings.resolved_cache_dir
+        session, store, tenant_id=tenant.id, ref=model_ref, cache_dir=settings.resolved_cache_dir,
+        max_parameters=settings.max_model_parameters,
     )
     calib = describe_data(session, tenant_id=tenant.id, ref=body.calibration, role="calibration")
     check_data_fits(model.spec, calib, role="calibration")
@@ -153,8 +155,8 @@ def list_jobs(
     query = select(Job).where(Job.tenant_id == tenant.id)
     if status is not None:
         query = query.where(Job.status == status)
-    if cursor:
-        query = query.where(Job.id < cursor)
+    if cursor is not None:
+        query = query.where(Job.id < check_cursor(cursor))
     rows = session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]
     next_cursor = page[-1].id if len(rows) > limit else None

@@ -11,15 +11,25 @@ from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError, not_found
+from api.request_body import StrictRoute, loads_strict
 from api.routes.datasets import check_storage_quota
 from api.schemas import ModelPublic, ModelsPublic
 from api.uploads import safe_filename, save_upload, scratch_dir
-from core import ModelSpecError, build_model, list_builtin_models, resolve_model_spec
-from core.models import looks_like_safetensors, unwrap_state_dict
+from core import CheckpointError, ModelSpec, ModelSpecError, list_builtin_models, resolve_model_spec
+from core.models import (
+    check_checkpoint_fits,
+    check_parameter_count,
+    looks_like_safetensors,
+    pickle_refusal,
+    unwrap_state_dict,
+    write_safetensors,
+)
 from service import blob_gc
+from service.job_inputs import refuse_pretrained
+from service.storage import store_then_record
 from service.tables import Model, new_id
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=StrictRoute)
 NOTE = (
     'A job\'s model is a built-in id, an uploaded model id, or {"timm_name", "timm_kwargs"}: '
     "any timm ViT, DeiT or Swin name is accepted, with overridden sizes (e.g. img_size, patch_size, "
@@ -57,7 +67,7 @@ def _json_object(value: str | None, field: str) -> dict[str, Any] | None:
     if value is None or value.strip() == "":
         return None
     try:
-        parsed = json.loads(value)
+        parsed = loads_strict(value)
     except json.JSONDecodeError as exc:
         raise ApiError(422, "invalid_request", f"{field} is not valid JSON: {exc.msg}") from None
     if not isinstance(parsed, dict):
@@ -66,16 +76,12 @@ def _json_object(value: str | None, field: str) -> dict[str, Any] | None:
 
 
 def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
-    """Check a safetensors file, or convert a .pth state dict through ``weights_only`` loading."""
+    """A safetensors upload as it is (``check_checkpoint_fits`` reads its header), or a .pth state dict
+    loaded ``weights_only`` (memory-mapped where the file allows) and written as safetensors tensor by
+    tensor."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
 
     if looks_like_safetensors(raw):
-        try:
-            load_file(str(raw))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ApiError(422, "invalid_checkpoint", f"corrupt safetensors file: {exc}") from None
         raw.rename(dest)
         return
     if not filename.lower().endswith(PICKLE_SUFFIXES):
@@ -83,14 +89,14 @@ def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
             422, "invalid_checkpoint", "the file is not safetensors (a .pth state dict is accepted as well)"
         )
     try:
-        obj = torch.load(str(raw), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(str(raw), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(str(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for code-running pickles, others for garbage
-        raise ApiError(
-            422,
-            "invalid_checkpoint",
-            f"refusing to load the .pth file (only plain tensors are allowed, weights_only=True): "
-            f"{type(exc).__name__}: {str(exc)[:300]}",
-        ) from None
+        raise ApiError(422, "invalid_checkpoint", f"refusing to load {filename}: {pickle_refusal(exc)}") from None
     obj = unwrap_state_dict(obj)
     if (
         not isinstance(obj, dict)
@@ -98,7 +104,25 @@ def _to_safetensors(raw: Path, filename: str, dest: Path) -> None:
         or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise ApiError(422, "invalid_checkpoint", "the .pth file is not a state dict of named tensors")
-    save_file({k: v.contiguous() for k, v in obj.items()}, str(dest))
+    try:
+        write_safetensors(obj, dest)
+    except ModelSpecError as exc:
+        raise ApiError(422, "invalid_checkpoint", exc.message) from None
+
+
+def _spec(timm_name: str, kwargs: dict[str, Any], prep: dict[str, Any] | None, max_parameters: int) -> ModelSpec:
+    """The architecture an upload claims, checked before its bytes are copied: known timm name, no
+    ``pretrained``, at most ``max_parameters`` (counted on the meta device)."""
+    spec_dict: dict[str, Any] = {"timm_name": timm_name, "timm_kwargs": kwargs}
+    if prep is not None:
+        spec_dict["preprocess"] = prep
+    try:
+        refuse_pretrained(kwargs)
+        spec = resolve_model_spec(spec_dict)
+        check_parameter_count(spec, max_parameters)
+    except ModelSpecError as exc:
+        raise ApiError(422, "invalid_model", exc.message) from None
+    return spec
 
 
 @router.post("", status_code=201, summary="Upload a checkpoint with its timm name and kwargs")
@@ -116,37 +140,34 @@ def upload_model(
     kwargs = _json_object(timm_kwargs, "timm_kwargs") or {}
     prep = _json_object(preprocess, "preprocess")
     filename = safe_filename(file.filename, "model.safetensors")
+    spec = _spec(timm_name, kwargs, prep, settings.max_model_parameters)
     with scratch_dir(settings.resolved_cache_dir / "uploads") as tmp:
         raw = tmp / "upload"
         size = save_upload(file, raw, max_bytes=settings.max_upload_bytes)
         check_storage_quota(session, settings, tenant, size)
         weights = tmp / "model.safetensors"
         _to_safetensors(raw, filename, weights)
-        spec_dict: dict[str, Any] = {
-            "timm_name": timm_name,
-            "timm_kwargs": kwargs,
-            "checkpoint": str(weights),
-        }
-        if prep is not None:
-            spec_dict["preprocess"] = prep
-        try:
-            build_model(resolve_model_spec(spec_dict))
-        except (ModelSpecError, TypeError, ValueError, KeyError, RuntimeError) as exc:
-            # timm raises plain TypeError/RuntimeError for kwargs it rejects or shapes that do not fit.
-            raise ApiError(422, "invalid_model", f"the checkpoint does not fit {timm_name}: {exc}") from None
-        sha, _ = blob_gc.store_and_hold(session, store, weights)
-    row = Model(
-        id=new_id("mdl"),
-        tenant_id=tenant.id,
-        filename=filename,
-        timm_name=timm_name,
-        timm_kwargs=kwargs,
-        preprocess=prep,
-        sha256=sha,
-        size_bytes=size,
-    )
-    session.add(row)
-    session.commit()
+        try:  # names, shapes and dtypes from the header against the meta-device model; bounded memory
+            check_checkpoint_fits(spec, weights, max_parameters=settings.max_model_parameters, name=filename)
+        except CheckpointError as exc:
+            raise ApiError(422, "invalid_checkpoint", exc.message) from None
+        except ModelSpecError as exc:
+            raise ApiError(422, "invalid_model", f"the checkpoint does not fit {timm_name}: {exc.message}") from None
+        row = store_then_record(
+            session,
+            store,
+            weights,
+            lambda sha, _: Model(
+                id=new_id("mdl"),
+                tenant_id=tenant.id,
+                filename=filename,
+                timm_name=timm_name,
+                timm_kwargs=kwargs,
+                preprocess=prep,
+                sha256=sha,
+                size_bytes=size,
+            ),
+        )
     response.headers["Location"] = f"/v1/models/{row.id}"
     return _upload_public(row)
 

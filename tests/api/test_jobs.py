@@ -152,20 +152,20 @@ def test_bad_job_requests(service, change, code, fragment):
 
 
 @pytest.mark.parametrize(
-    "content, content_type",
+    "content, content_type, status, code",
     [
-        (b"{not json", "application/json"),
-        (b"[1, 2]", "application/json"),
-        (b"w_bits=4", "application/x-www-form-urlencoded"),
-        (b"", "application/json"),
+        (b"{not json", "application/json", 400, "invalid_json"),  # not JSON at all: 400 (issue 15)
+        (b"", "application/json", 400, "invalid_json"),
+        (b"[1, 2]", "application/json", 422, "invalid_request"),  # JSON, but not a job
+        (b"w_bits=4", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     ],
 )
-def test_malformed_bodies(service, content, content_type):
+def test_malformed_bodies(service, content, content_type, status, code):
     response = service.client.post(
         "/v1/jobs", content=content, headers=auth(service.key_a) | {"Content-Type": content_type}
     )
-    assert response.status_code == 422, response.text
-    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
 
 
 def test_missing_required_fields(service):
