@@ -10,9 +10,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.rate_limit import RecentLimits, limiter_for
 from service.db import session_factory
 from service.keys import authenticate, hash_key
-from service.quotas import limits_for
+from service.quotas import TenantLimits, limits_for
 from service.settings import Settings
 from service.storage import ArtifactStore, get_store
 from service.tables import Tenant
@@ -48,6 +49,11 @@ async def get_store_dep(settings: SettingsDep) -> ArtifactStore:
 
 StoreDep = Annotated[ArtifactStore, Depends(get_store_dep)]
 
+_recent_limits = RecentLimits()
+"""The limits of keys that authenticated in the last few seconds (by key digest, never the key): a
+flooding key's 429 then costs one Redis call and no database query. A changed limit applies within
+``RecentLimits.ttl_s``; a key revoked meanwhile gets 429 or 401, never access."""
+
 bearer = HTTPBearer(auto_error=False, description="An API key from `vitq keys create`.")
 
 
@@ -60,6 +66,10 @@ def get_tenant(
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", challenge)
+    digest = hash_key(credentials.credentials)[:32]
+    known = _recent_limits.get(digest)
+    if known is not None:  # a key seen in the last seconds: an over-limit request is refused before the database
+        _rate_limit(settings, known, digest, response)
     tenant = authenticate(session, key=credentials.credentials)
     # End the read transaction so the pooled connection goes back before the route runs: FastAPI runs
     # this dependency and the route in separate threadpool threads, and a connection held while
@@ -67,19 +77,19 @@ def get_tenant(
     session.commit()
     if tenant is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)
-    _rate_limit(settings, tenant, credentials.credentials, response)
+    limits = limits_for(settings, tenant)
+    _recent_limits.put(digest, limits)
+    if known is None:
+        _rate_limit(settings, limits, digest, response)
     return tenant
 
 
-def _rate_limit(settings: Settings, tenant: Tenant, key: str, response: Response) -> None:
+def _rate_limit(settings: Settings, limits: TenantLimits, digest: str, response: Response) -> None:
     """Requests per second per API key, counted in Redis across API processes (``api/rate_limit.py``)."""
-    from api.rate_limit import limiter_for
-
-    limits = limits_for(settings, tenant)
     if limits.rate_limit_rps <= 0:
         return
     decision = limiter_for(settings.resolved_rate_limit_redis_url).hit(
-        hash_key(key)[:32], rps=limits.rate_limit_rps, burst=limits.rate_limit_burst
+        digest, rps=limits.rate_limit_rps, burst=limits.rate_limit_burst
     )
     if decision is None:  # Redis unreachable: not limited
         return

@@ -114,6 +114,32 @@ class MemoryLimiter:
             return _decision(True, now - allow_at, new_tat - now, rps, burst)
 
 
+class RecentLimits:
+    """A small time-bounded map from a key digest to its tenant's limits (see ``api.deps``)."""
+
+    ttl_s = 5.0
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._entries: dict[str, tuple[float, object]] = {}
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, digest: str):  # noqa: ANN201 - TenantLimits (service.quotas), kept untyped here
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, digest: str, limits: object) -> None:
+        with self._lock:
+            if len(self._entries) >= self._max:
+                now = time.monotonic()
+                self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+                if len(self._entries) >= self._max:
+                    self._entries.clear()
+            self._entries[digest] = (time.monotonic() + self.ttl_s, limits)
+
+
 _limiters: dict[str, RedisLimiter | MemoryLimiter] = {}
 _limiters_lock = threading.Lock()
 
