@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
 Bits = Annotated[StrictInt, Field(ge=2, le=8, description="Bit width, 2 to 8.")]
 DATA_REF_DOC = "`fashion-mnist:train[:N]`, `fashion-mnist:test[:N]`, or an uploaded dataset id (`ds_…`)."
@@ -32,6 +33,24 @@ class JobOptions(BaseModel):
     sos: StrictBool | None = None
 
 
+class TargetCreate(BaseModel):
+    """An accuracy target instead of fixed bits: the smallest model within ``max_top1_drop`` of the float
+    model's top-1 (core.target_search validates it again, the one rule's home)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_top1_drop: float = Field(ge=0, lt=1, description="Largest allowed top-1 drop, a fraction: 0.01 is one point.")
+    w_bits: list[Bits] | None = Field(None, min_length=1, max_length=7, description="Weight widths to try "
+                                      "(default 3, 4, 6, 8).")
+    a_bits: list[Bits] | None = Field(None, min_length=1, max_length=7, description="Activation widths to try "
+                                      "(default 3, 4, 6, 8).")
+    max_trials: StrictInt | None = Field(None, ge=1, le=50, description="Most quantizations the search runs "
+                                         "(default 8).")
+    decision_fraction: float | None = Field(None, ge=0.1, le=0.9, description="Share of the evaluation images "
+                                            "the search decides on (default 0.5); the rest are held out.")
+    mixed: StrictBool | None = Field(None, description="Try per-unit mixed precision (default true).")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,8 +58,12 @@ class JobCreate(BaseModel):
         description="A built-in model id (`fmnist-vit-tiny`), an uploaded model id (`mdl_…`), "
         "or `{timm_name, timm_kwargs}`."
     )
-    w_bits: Bits
-    a_bits: Bits
+    w_bits: Bits | None = Field(None, description="Weight bits; required unless `target` is given.")
+    a_bits: Bits | None = Field(None, description="Activation bits; required unless `target` is given.")
+    target: TargetCreate | None = Field(
+        None, description="Instead of `w_bits`/`a_bits`: search bit widths and per-unit mixed precision for the "
+        "smallest model within the drop. Needs labelled `evaluation` data."
+    )
     method: Literal["isvit", "repq", "ptq-uniform"] = "isvit"
     preset: Literal["auto", "paper", "quick", "smoke"] = Field(
         "auto", description="`auto`: `paper` on a GPU worker, `quick` on a CPU one; the report says which ran."
@@ -63,6 +86,37 @@ class JobCreate(BaseModel):
         pattern=r"^https?://[^\s]+$",
         description="Receives a signed POST (Standard Webhooks) when the job ends.",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _fixed_bits_or_target(cls, data: Any, handler: Any) -> JobCreate:
+        """Fixed bits (both) or a target (then no bits, and evaluation data). A missing width is reported
+        beside the other field errors, as a required field would be."""
+        missing: list[InitErrorDetails] = []
+        if isinstance(data, dict) and data.get("target") is None:
+            missing = [InitErrorDetails(type="missing", loc=(name,), input=data)
+                       for name in ("w_bits", "a_bits") if data.get(name) is None and name not in data]
+        try:
+            body = handler(data)
+        except ValidationError as exc:
+            if not missing:
+                raise
+            errors = [InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"], **({"ctx": e["ctx"]}
+                      if "ctx" in e else {})) for e in exc.errors()]
+            raise ValidationError.from_exception_data(cls.__name__, [*missing, *errors]) from None
+        if missing:
+            raise ValidationError.from_exception_data(cls.__name__, missing)
+        if body.target is None:
+            if body.w_bits is None or body.a_bits is None:
+                raise ValueError("w_bits and a_bits are required unless a target is given")
+        else:
+            if body.w_bits is not None or body.a_bits is not None:
+                raise ValueError("give either w_bits and a_bits or a target, not both (the target's own "
+                                 "w_bits/a_bits lists bound its search)")
+            if body.evaluation is None:
+                raise ValueError("a target job needs labelled evaluation data: set evaluation (the target is a "
+                                 "top-1 drop, measured on it)")
+        return body
 
 
 class JobError(BaseModel):
@@ -97,6 +151,16 @@ class JobResult(BaseModel):
     onnx_sha256: str | None = None
     onnx_bytes: int | None = None
     export_error: str | None = Field(None, description="Why `model.onnx` is missing, where its export failed.")
+    target_met: bool | None = Field(None, description="Target jobs: whether the chosen configuration met the target.")
+    target_message: str | None = None
+    chosen: str | None = Field(None, description="Target jobs: the chosen configuration, e.g. `W3A3 + 4 units W4A4`.")
+    per_unit_bits: dict[str, dict[str, int]] | None = None
+    decision_top1: float | None = Field(None, description="Target jobs: top-1 on the split the search decided on.")
+    heldout_top1: float | None = Field(None, description="Target jobs: top-1 on the held-out split.")
+    top1_drop: float | None = Field(None, description="Target jobs: float minus quantized top-1, decision split.")
+    heldout_drop: float | None = None
+    model_bytes: int | None = None
+    trials: int | None = None
 
 
 class WebhookDelivery(BaseModel):
@@ -116,8 +180,9 @@ class JobPublic(BaseModel):
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     model: str | TimmModelRef
-    w_bits: int
-    a_bits: int
+    w_bits: int | None
+    a_bits: int | None
+    target: dict[str, Any] | None = None
     method: str
     preset: str
     calibration: str

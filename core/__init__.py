@@ -3,7 +3,7 @@
 No web, database or Celery imports here: ``api`` and ``worker`` use core, never the reverse.
 
 Top-level API
-    QuantConfig, quantize, evaluate, save, load, run_quantization
+    QuantConfig, quantize, evaluate, save, load, run_quantization, TargetSpec, run_target_search
 Model and data building blocks
     ModelSpec, resolve_model_spec, build_model, list_builtin_models, load_dataset, inspect_dataset
 Errors
@@ -25,6 +25,7 @@ from core.evaluate import evaluate
 from core.models import ModelSpec, build_model, list_builtin_models, resolve_model_spec
 from core.pipeline import run_quantization
 from core.quantize import QuantizedModel, quantize
+from core.target_search import TargetSpec, run_target_search
 
 __all__ = [
     # top-level API
@@ -34,6 +35,8 @@ __all__ = [
     "save",
     "load",
     "run_quantization",
+    "run_target_search",
+    "TargetSpec",
     "read_checkpoint_metadata",
     "QuantizedModel",
     # building blocks

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import DatasetError, ModelSpecError, list_builtin_models, resolve_model_spec
+from core import DatasetError, ModelSpecError, QuantConfig, list_builtin_models, resolve_model_spec
 from core.data import FASHION_MNIST_SPEC
 from core.models import MAX_PARAMETERS, check_parameter_count, model_num_classes
 from service.archives import Limits, materialize_dataset
@@ -181,6 +181,19 @@ def check_data_fits(spec: Any, info: dict[str, Any], *, role: str) -> None:
         raise DatasetError(
             f"{role}: the dataset has {info['num_classes']} classes but the model predicts {num_classes}"
         )
+
+
+def target_base_config(target: dict[str, Any], *, method: str, preset: str, options: dict[str, Any]) -> QuantConfig:
+    """The config a target job's trials start from (core validates the target: one rule, one home).
+
+    Not resolved: each trial fills the preset's defaults for its own widths (6+ bits take fewer
+    iterations). ``w_bits``/``a_bits`` are the search's first, smallest uniform widths.
+    """
+    from core.target_search import TargetSpec
+
+    spec = TargetSpec.from_dict(target)
+    w_bits, a_bits = spec.uniform_widths()[0]
+    return QuantConfig(w_bits=w_bits, a_bits=a_bits, method=method, preset=preset, **options)
 
 
 def data_path(session: Session, store: ArtifactStore, *, ref: str, cache_dir: Path, limits: Limits) -> str:

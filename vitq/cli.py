@@ -35,11 +35,48 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (default: the accelerator if present, else cpu)")
 
 
+def _target_spec(args: argparse.Namespace) -> Any:
+    from core import TargetSpec
+    from core.errors import InvalidConfigError
+
+    if args.w_bits is not None or args.a_bits is not None:
+        raise InvalidConfigError("give either --w-bits/--a-bits or --target-drop, not both "
+                                 "(--target-w-bits/--target-a-bits bound the search)")
+    if not args.eval:
+        raise InvalidConfigError("--target-drop needs labelled evaluation data (--eval): the target is a top-1 drop")
+    fields: dict[str, Any] = {"max_top1_drop": args.target_drop, "w_bits": args.target_w_bits,
+                              "a_bits": args.target_a_bits, "max_trials": args.max_trials,
+                              "decision_fraction": args.decision_fraction, "mixed": False if args.no_mixed else None}
+    return TargetSpec.from_dict({k: v for k, v in fields.items() if v is not None})
+
+
+def _print_target(report: dict[str, Any]) -> None:
+    target = report["target"]
+    print(f"target     top-1 drop <= {100 * target['max_top1_drop']:.2f} points: "
+          f"{'met' if target['target_met'] else 'NOT met'}")
+    print(f"           {target['message']}")
+    print(f"{'trial':>5}  {'kind':<8} {'bits':<34} {'size MB':>8} {'top-1':>7} {'drop':>6} {'s':>7}")
+    for t in target["trials"]:
+        mark = "  <- chosen" if t["index"] == target["chosen"]["index"] else ""
+        print(f"{t['index']:>5}  {t['kind']:<8} {t['label']:<34} {t['size_bytes'] / 1e6:>8.3f} "
+              f"{100 * t['decision_top1']:>7.2f} {100 * t['drop']:>6.2f} {t['seconds']:>7.1f}{mark}")
+    d, h = target["decision"], target["heldout"]
+    print(f"decision   n={d['n']}  FP {100 * d['fp_top1']:.2f}  quant {100 * d['quant_top1']:.2f}  "
+          f"drop {100 * d['drop']:.2f}")
+    print(f"held-out   n={h['n']}  FP {100 * h['fp_top1']:.2f}  quant {100 * h['quant_top1']:.2f}  "
+          f"drop {100 * h['drop']:.2f}")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from core import QuantConfig, run_quantization
+    from core import QuantConfig, run_quantization, run_target_search
+    from core.errors import InvalidConfigError
     from vitq.progress import ProgressBar
 
-    fields: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "method": args.method,
+    target = _target_spec(args) if args.target_drop is not None else None
+    if target is None and (args.w_bits is None or args.a_bits is None):
+        raise InvalidConfigError("give --w-bits and --a-bits, or --target-drop for the smallest model within a drop")
+    w_bits, a_bits = target.uniform_widths()[0] if target is not None else (args.w_bits, args.a_bits)
+    fields: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits, "method": args.method,
                               "preset": args.preset, "seed": args.seed}
     for name in ("iters", "calib_size", "batch_size", "softmax_quantizer"):
         if getattr(args, name) is not None:
@@ -51,13 +88,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(**fields)
     bar = ProgressBar(disable=args.quiet)
     try:
-        report = run_quantization(args.model, config, args.calib, args.eval, args.out, progress=bar, device=args.device)
+        if target is not None:
+            report = run_target_search(args.model, target, config, args.calib, args.eval, args.out, progress=bar,
+                                       device=args.device)
+        else:
+            report = run_quantization(args.model, config, args.calib, args.eval, args.out, progress=bar,
+                                      device=args.device)
     finally:
         bar.close()
     out = Path(args.out)
     print(f"model      {args.model} ({report['model']['timm_name']})")
-    print(f"config     {report['method']} W{report['w_bits']}A{report['a_bits']}, preset {report['preset']}, "
+    bits = report.get("bits_label") or f"W{report['w_bits']}A{report['a_bits']}"
+    print(f"config     {report['method']} {bits}, preset {report['preset']}, "
           f"iters {report['config']['iters']}, calibration {report['calibration']['n']} images")
+    if report.get("target"):
+        _print_target(report)
     if report["fp"] is not None:
         q = report["quant"]
         print(f"FP top-1   {100 * report['fp']['top1']:.2f}  (n={report['fp']['n']})")
@@ -159,8 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model; write checkpoint.safetensors and report.json")
     q.add_argument("--model", required=True, help="built-in id, model-spec JSON file, or timm name")
-    q.add_argument("--w-bits", type=int, required=True)
-    q.add_argument("--a-bits", type=int, required=True)
+    q.add_argument("--w-bits", type=int, help="weight bits (or --target-drop)")
+    q.add_argument("--a-bits", type=int, help="activation bits (or --target-drop)")
+    q.add_argument("--target-drop", type=float, help="instead of bits: the smallest model whose top-1 drops at most "
+                   "this much (a fraction: 0.01 is one point) on a decision split of --eval; needs --eval")
+    q.add_argument("--target-w-bits", type=_int_list, help="weight widths the target search may use (default 3,4,6,8)")
+    q.add_argument("--target-a-bits", type=_int_list, help="activation widths it may use (default 3,4,6,8)")
+    q.add_argument("--max-trials", type=int, help="most quantizations the target search runs (default 8)")
+    q.add_argument("--decision-fraction", type=float,
+                   help="share of --eval the search decides on (default 0.5; the rest is held out)")
+    q.add_argument("--no-mixed", action="store_true", help="target search: uniform widths only")
     q.add_argument("--method", default="isvit", choices=["isvit", "repq", "ptq-uniform"])
     q.add_argument("--calib", required=True, help="calibration data: fashion-mnist:train[:N], .npz, dir or archive")
     q.add_argument("--eval", help="evaluation data (labelled)")

@@ -6,6 +6,9 @@ job = client.submit_job(model="fmnist-vit-tiny", w_bits=4, a_bits=4, preset="qui
                         calibration="fashion-mnist:train:1024", evaluation="fashion-mnist:test")
 job = client.wait(job["id"], on_progress=print)
 client.download_artifacts(job["id"], "out/")
+# or the smallest model within one point of top-1 (per-unit mixed precision allowed):
+job = client.submit_target_job(max_top1_drop=0.01, model="fmnist-vit-tiny", preset="quick",
+                               calibration="fashion-mnist:train:1024", evaluation="fashion-mnist:test")
 """
 
 from __future__ import annotations
@@ -74,6 +77,16 @@ class Client:
     def submit_job(self, *, idempotency_key: str | None = None, **body: Any) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/v1/jobs", json=body, headers=headers).json()
+
+    def submit_target_job(
+        self, *, max_top1_drop: float, w_bits: list[int] | None = None, a_bits: list[int] | None = None,
+        max_trials: int | None = None, idempotency_key: str | None = None, **body: Any,
+    ) -> dict[str, Any]:
+        """A job with ``"target": {"max_top1_drop": …}`` instead of fixed bits (``w_bits``/``a_bits`` here
+        bound the search); ``body`` needs ``evaluation``. The result names the chosen configuration."""
+        target = {"max_top1_drop": max_top1_drop, "w_bits": w_bits, "a_bits": a_bits, "max_trials": max_trials}
+        return self.submit_job(idempotency_key=idempotency_key,
+                               target={k: v for k, v in target.items() if v is not None}, **body)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()

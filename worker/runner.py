@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from core import CancelledError, QuantConfig, VitqError, run_quantization
+from core import CancelledError, QuantConfig, TargetSpec, VitqError, run_quantization, run_target_search
 from service import blob_gc, lifecycle
 from service.archives import Limits
 from service.db import session_scope
@@ -164,6 +164,26 @@ def _summary(report: dict[str, Any], checkpoint_sha: str, checkpoint_bytes: int)
     }
 
 
+def _target_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """A target job's answer in its result: what was chosen, whether it met the target, on which split."""
+    target = report.get("target")
+    if not target:
+        return {}
+    decision, heldout = target.get("decision") or {}, target.get("heldout") or {}
+    return {
+        "target_met": target.get("target_met"),
+        "target_message": target.get("message"),
+        "chosen": report.get("bits_label"),
+        "per_unit_bits": report.get("per_unit_bits"),
+        "decision_top1": decision.get("quant_top1"),
+        "heldout_top1": heldout.get("quant_top1"),
+        "top1_drop": decision.get("drop"),
+        "heldout_drop": heldout.get("drop"),
+        "model_bytes": (report.get("sizes") or {}).get("model_bytes"),
+        "trials": len(target.get("trials") or []),
+    }
+
+
 def _result_rows(
     settings: Settings, job: JobInputs, out: Path, report: dict[str, Any]
 ) -> tuple[list[Artifact], Report, dict[str, Any]]:
@@ -201,6 +221,7 @@ def _result_rows(
     )
     checkpoint = next(a for a in artifacts if a.name == "checkpoint.safetensors")
     summary = _summary(report, checkpoint.sha256, checkpoint.size_bytes)
+    summary.update(_target_summary(report))
     onnx = (report.get("exports") or {}).get("onnx") or {}
     summary.update(onnx_sha256=onnx.get("sha256"), onnx_bytes=onnx.get("bytes"), export_error=onnx.get("error"))
     return artifacts, row, summary
@@ -226,6 +247,8 @@ class JobInputs:
     calibration: str
     evaluation: str | None
     exports: tuple[str, ...] = ("onnx",)
+    target: dict[str, Any] | None = None
+    """An accuracy target (``core.TargetSpec`` as a dict) instead of fixed bits."""
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
@@ -254,7 +277,8 @@ def run_job(
         row = session.get(Job, job_id)
         assert row is not None  # claimed a moment ago
         job = JobInputs(row.id, row.tenant_id, row.model_key, row.model_spec, row.config, row.calibration,
-                        row.evaluation, tuple((row.request or {}).get("exports", ("onnx",))))
+                        row.evaluation, tuple((row.request or {}).get("exports", ("onnx",))),
+                        (row.request or {}).get("target"))
     scratch = Path(tempfile.mkdtemp(prefix=f"vitq-{job_id}-"))
     limits = Limits(max_members=settings.max_archive_members, max_bytes=settings.max_archive_bytes)
     try:
@@ -270,16 +294,13 @@ def run_job(
                         if job.evaluation
                         else None
                     )
-                report = run_quantization(
-                    spec,
-                    QuantConfig.from_dict(job.config),
-                    calibration=calibration,
-                    evaluation=evaluation,
-                    out_dir=scratch / "out",
-                    progress=monitor.progress,
-                    should_stop=monitor.should_stop,
-                    exports=job.exports,
-                )
+                common = dict(calibration=calibration, evaluation=evaluation, out_dir=scratch / "out",
+                              progress=monitor.progress, should_stop=monitor.should_stop, exports=job.exports)
+                if job.target is not None:
+                    report = run_target_search(spec, TargetSpec.from_dict(job.target),
+                                               QuantConfig.from_dict(job.config), **common)
+                else:
+                    report = run_quantization(spec, QuantConfig.from_dict(job.config), **common)
             except CancelledError:
                 if monitor.lost.is_set() and not monitor.cancel.is_set():
                     log.warning("job %s was taken from this worker; dropping it", job_id)

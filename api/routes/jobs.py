@@ -18,7 +18,7 @@ from api.request_body import StrictRoute
 from api.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from core import QuantConfig
 from service import blob_gc, lifecycle
-from service.job_inputs import check_data_fits, describe_data, resolve_model
+from service.job_inputs import check_data_fits, describe_data, resolve_model, target_base_config
 from service.queue import send_run_job, send_webhook
 from service.quotas import QuotaExceeded, check_active_jobs
 from service.tables import Job, JobEvent, JobStatus, new_id
@@ -61,9 +61,13 @@ def create_job(
             return _replay(existing, request_hash, response, session)
 
     options = body.options.model_dump(exclude_none=True)
-    config = QuantConfig(
-        w_bits=body.w_bits, a_bits=body.a_bits, method=body.method, preset=body.preset, **options
-    ).resolved()
+    if body.target is not None:
+        config = target_base_config(body.target.model_dump(exclude_none=True), method=body.method,
+                                    preset=body.preset, options=options)
+    else:
+        config = QuantConfig(
+            w_bits=body.w_bits, a_bits=body.a_bits, method=body.method, preset=body.preset, **options
+        ).resolved()
     model_ref = body.model.model_dump() if not isinstance(body.model, str) else body.model
     model = resolve_model(
         session, store, tenant_id=tenant.id, ref=model_ref, cache_dir=settings.resolved_cache_dir,
