@@ -227,6 +227,15 @@ def _result_rows(
     return artifacts, row, summary
 
 
+def _release_blobs(settings: Settings, artifacts: list[Artifact]) -> None:
+    """The blobs a late worker stored go again, unless a row (another job's, an upload's) names them."""
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            blob_gc.release(session, get_store(settings.resolved_storage_dir), [a.sha256 for a in artifacts])
+    except Exception:  # the retention pass's orphan sweep removes them later
+        log.warning("could not release the blobs of a dropped result", exc_info=True)
+
+
 def _blob_holder(settings: Settings, artifacts: list[Artifact], out: Path) -> Callable[[Any], None]:
     """Locks the artifacts' blobs in the success transaction (stored again if a deletion of another job
     that shared them removed them meanwhile), so the rows never point at a removed blob."""
@@ -341,6 +350,7 @@ def run_job(
             return _fail_storage(settings, lease, exc)
         if not won:
             log.warning("job %s was re-queued, taken over or ended while it finished; its results are dropped", job_id)
+            _release_blobs(settings, artifacts)
             return None
         if summary.get("export_error"):
             log.warning("job %s: model.onnx not written: %s", job_id, summary["export_error"])
