@@ -120,3 +120,16 @@ def test_a_search_can_be_cancelled_inside_a_trial(tmp_path):
                           tmp_path, should_stop=should_stop, exports=())
     assert calls["n"] == 6  # stopped at the first True, inside trial 1
     assert not (tmp_path / "checkpoint.safetensors").exists()
+
+
+def test_the_cli_refuses_a_target_without_evaluation_data_or_with_bits(tmp_path, capsys):
+    from vitq.cli import main
+
+    common = ["quantize", "--model", "fmnist-vit-tiny", "--calib", CALIB, "--out", str(tmp_path), "--preset", "smoke"]
+    assert main([*common, "--target-drop", "0.01"]) == 2
+    assert "needs labelled evaluation data" in capsys.readouterr().err
+    assert main([*common, "--target-drop", "0.01", "--eval", EVAL, "--w-bits", "4", "--a-bits", "4"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*common, "--eval", EVAL]) == 2
+    assert "--target-drop" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
