@@ -351,6 +351,9 @@ def search(
         trial.cache_hits = cache.hits - hits_before
         trial.qmodel = qmodel
         tracker.end_trial()
+        tracker.emit(f"trial {trial.index + 1} {config.bits_label()}: top-1 {100 * trial.decision_top1:.2f} on the "
+                     f"decision split, drop {100 * trial.drop:.2f} points, {'meets' if trial.meets else 'misses'} "
+                     f"the target ({trial.size_bytes} B, {trial.seconds:.0f} s)")
         trials.append(trial)
         keep = _choose(trials)[0]
         for other in trials:  # a trial that is not the pick now never becomes it: free its model
