@@ -79,12 +79,20 @@ class RedisLimiter:
         self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self._script = self._client.register_script(GCRA_LUA)
         self._warned_at = 0.0
+        self._skip_until = 0.0
+
+    RETRY_REDIS_AFTER_S = 5.0
+    """After a failed call, requests skip Redis this long: a silent Redis host costs one timeout per
+    5 s, not one per request."""
 
     def hit(self, key: str, *, rps: float, burst: int) -> Decision | None:
+        if time.monotonic() < self._skip_until:
+            return None
         try:
             allowed, a, b = self._script(keys=[f"vitq:ratelimit:{key}"], args=[1.0 / rps, burst])
         except Exception as exc:  # Redis down or slow: let the request through
             now = time.monotonic()
+            self._skip_until = now + self.RETRY_REDIS_AFTER_S
             if now - self._warned_at > 30:
                 self._warned_at = now
                 log.warning("rate limiter: Redis unreachable (%s); requests are not limited", type(exc).__name__)

@@ -129,6 +129,11 @@ def test_two_api_processes_share_the_rate_limit_counter(stack):
           f"Retry-After {limited.headers['Retry-After']} s")
 
 
+def _cli(stack, *args: str) -> subprocess.CompletedProcess:
+    env = stack["env"] | {"VITQ_URL": stack["urls"][0], "VITQ_API_KEY": stack["keys"]["other"]}
+    return subprocess.run(vitq_command(*args), env=env, capture_output=True, text=True, timeout=120)
+
+
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
@@ -182,9 +187,8 @@ def test_webhook_is_sent_within_seconds_while_a_long_job_runs_then_delete(stack,
     long_job = client.submit_job(**QUICK | {"method": "isvit", "evaluation": dataset["id"]}, **LONG)
 
     wait_for(lambda: client.get_job(long_job["id"])["status"] == "running", timeout=120, what="the long job")
-    refused = httpx.delete(f"{stack['urls'][0]}/v1/datasets/{dataset['id']}",
-                           headers={"Authorization": f"Bearer {stack['keys']['other']}"})
-    assert refused.status_code == 409 and refused.json()["error"]["code"] == "dataset_in_use"
+    refused = _cli(stack, "datasets", "delete", dataset["id"])  # the CLI verb, against the other process
+    assert refused.returncode == 2 and "409 dataset_in_use" in refused.stderr, refused.stderr
 
     # a second job, queued behind the long one, is cancelled: its webhook must not wait for the worker
     queued = client.submit_job(**QUICK, webhook_url=hook_url)
@@ -207,7 +211,8 @@ def test_webhook_is_sent_within_seconds_while_a_long_job_runs_then_delete(stack,
         client.get_job(long_job["id"])
     log = stack["data_dir"] / "worker.log"
     dropped = f"job {long_job['id']} was taken from this worker; dropping it"
-    wait_for(lambda: dropped in log.read_text(errors="replace"), timeout=60, what="the worker dropping the job")
+    wait_for(lambda: dropped in log.read_text(errors="replace"), timeout=120, what="the worker dropping the job")
     print(f"DELETE of the running job: the worker dropped it {time.monotonic() - deleted_at:.1f} s later")
-    client.delete_dataset(dataset["id"])  # no job uses it any more
+    deleted = _cli(stack, "datasets", "delete", dataset["id"])  # no job uses it any more
+    assert deleted.returncode == 0, deleted.stderr
     assert all(d["id"] != dataset["id"] for d in client.list_datasets())
