@@ -84,7 +84,20 @@ def public_message(message: str) -> str:
     host = socket.gethostname()
     if len(host) >= 4 and host in message:
         message = message.replace(host, "<server>")
-    return message
+    return _encodable(message)
+
+
+def _encodable(text: str) -> str:
+    """Text that encodes as UTF-8: a tar member named in latin-1 reaches a message as a lone surrogate
+    (``surrogateescape``), and rendering the JSON body then raised (found by the upload fuzzer: a 500)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_body(code: str, message: str, details: object | None = None) -> dict:

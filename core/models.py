@@ -201,7 +201,7 @@ def looks_like_safetensors(path: Path) -> bool:
     )
 
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"unsupported global:? (?:GLOBAL )?([\w.]+)", re.IGNORECASE)
 
 
 def pickle_refusal(exc: BaseException) -> str:

@@ -177,6 +177,21 @@ def test_messages_name_the_upload_by_its_client_filename(service):
     _no_server_details(service, message)
 
 
+def test_a_member_name_that_is_not_utf8_gets_a_422_not_a_500(service):
+    """Found by the upload fuzzer (long profile): a tar member named in latin-1 reached the message as a
+    lone surrogate, and rendering the JSON body raised."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        for name, data in (("c0/a.png", png_bytes(np.zeros((6, 6), np.uint8))), ("ü/a.png", b"not a png")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    message = _error(_upload(service, "data.tar", buf.getvalue()), 422, "invalid_dataset")
+    assert "image does not decode: \ufffd/a.png" in message, message
+
+
 # -- 6. forged cursors ------------------------------------------------------------------------------
 
 
@@ -354,3 +369,5 @@ def test_the_pickle_refusal_never_suggests_the_unsafe_path(service, tmp_path):
         assert "weights_only=True" in message
         assert "weights_only=False" not in message and "likely succeed" not in message
         assert "state dict of tensors, or as safetensors" in message
+        if path is evil:
+            assert "it references posix.system, which is not a tensor" in message
