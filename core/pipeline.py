@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +17,15 @@ import torch
 from torch import nn
 
 from core.atomic_file import atomic_file
-from core.calibration_sample import calibration_sample
+from core.calibration_sample import CalibrationSample, calibration_sample
 from core.checkpoint import library_versions, save
 from core.config import ACT_INIT_IMAGES, Preset, QuantConfig
-from core.data import load_dataset
+from core.data import ImageDataset, load_dataset
 from core.device import resolve_device
 from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
 from core.export.artifacts import DEFAULT_EXPORTS, check_exports, fp32_parameter_bytes, write_exports
 from core.models import ModelSpec, build_model, resolve_model_spec
-from core.quantize import ProgressFn, StopFn, quantize
+from core.quantize import ProgressFn, QuantizedModel, StopFn, quantize
 from core.wrap import weight_layers
 
 REPORT_VERSION = 1
@@ -128,22 +130,70 @@ def run_quantization(
         quant_metrics = {**accuracy(q_logits, labels), **agreement(fp_logits, q_logits)}
         seconds["evaluate_quant"] = time.perf_counter() - t0
 
-    layers = layer_sqnr(model.eval(), qmodel.model, calib[:ACT_INIT_IMAGES].to(dev))
-    spec_public = {**spec.to_dict(), "checkpoint": None}
+    return write_run_outputs(RunRecord(
+        model=model, qmodel=qmodel, spec=spec, requested_preset=requested_preset, device=dev, calib=calib,
+        calibration=calibration, calib_ds=calib_ds, sample=sample, evaluation=evaluation, eval_ds=eval_ds,
+        fp_metrics=fp_metrics, quant_metrics=quant_metrics,
+    ), out, exports, seconds, started, emit)
+
+
+@dataclass
+class RunRecord:
+    """What a finished quantization run hands to ``write_run_outputs``: the float and quantized models
+    and the data and metrics that the report and the checkpoint header describe."""
+
+    model: nn.Module
+    qmodel: QuantizedModel
+    spec: ModelSpec
+    requested_preset: Preset
+    device: torch.device
+    calib: torch.Tensor
+    calibration: str
+    calib_ds: ImageDataset
+    sample: CalibrationSample
+    evaluation: str | None
+    eval_ds: ImageDataset | None
+    fp_metrics: dict[str, Any] | None
+    quant_metrics: dict[str, Any] | None
+    report_extra: dict[str, Any] = field(default_factory=dict)
+    metadata_extra: dict[str, Any] = field(default_factory=dict)
+    sizes_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_run_outputs(
+    run: RunRecord,
+    out: Path,
+    exports: tuple[str, ...],
+    seconds: dict[str, float],
+    started: float,
+    emit: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write ``checkpoint.safetensors``, the exports and ``report.json`` of a finished run; return the
+    report. One place for a fixed-bits run and an accuracy-target search, so that their reports and
+    checkpoint headers cannot drift apart."""
+    qmodel, dev = run.qmodel, run.device
+    config = qmodel.config
+    layers = layer_sqnr(run.model.eval(), qmodel.model, run.calib[:ACT_INIT_IMAGES].to(dev))
+    spec_public = {**run.spec.to_dict(), "checkpoint": None}
+    fingerprint = run.calib_ds.fingerprint
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "model": spec_public,
         "w_bits": config.w_bits,
         "a_bits": config.a_bits,
+        "per_unit_bits": config.to_dict()["per_unit_bits"],
+        "bits_label": config.bits_label(),
         "method": config.method.value,
         "preset": config.preset.value,
-        "preset_requested": requested_preset.value,
-        "preset_reason": _preset_reason(requested_preset, config, dev),
+        "preset_requested": run.requested_preset.value,
+        "preset_reason": _preset_reason(run.requested_preset, config, dev),
         "config": config.to_dict(),
-        "calibration": {"source": calibration, "sha256": calib_ds.fingerprint, **sample.describe()},
-        "evaluation": {"source": evaluation, "sha256": eval_ds.fingerprint if eval_ds is not None else None},
-        "fp": fp_metrics,
-        "quant": quant_metrics,
+        "calibration": {"source": run.calibration, "sha256": fingerprint, **run.sample.describe()},
+        "evaluation": {"source": run.evaluation,
+                       "sha256": run.eval_ds.fingerprint if run.eval_ds is not None else None},
+        "fp": run.fp_metrics,
+        "quant": run.quant_metrics,
+        **run.report_extra,
         "reparam_logit_change": qmodel.reparam_logit_change,
         "reparam_float32": qmodel.reparam_float32,
         "baseline_check": qmodel.baseline_check,
@@ -157,17 +207,18 @@ def run_quantization(
     t0 = time.perf_counter()
     save(qmodel, out / "checkpoint.safetensors", metadata={
         "model": spec_public, "method": config.method.value, "w_bits": config.w_bits, "a_bits": config.a_bits,
-        "calibration_sha256": calib_ds.fingerprint, "calibration_sample": sample.describe(),
-        "fp": fp_metrics, "quant": quant_metrics,
+        "per_unit_bits": report["per_unit_bits"], "calibration_sha256": fingerprint,
+        "calibration_sample": run.sample.describe(), "fp": run.fp_metrics, "quant": run.quant_metrics,
+        **run.metadata_extra,
     })
     seconds["save"] = time.perf_counter() - t0
     if exports:
         emit("export")
         t0 = time.perf_counter()
-    report["exports"] = write_exports(qmodel.model, out, exports, report, calib_ds.fingerprint)
+    report["exports"] = write_exports(qmodel.model, out, exports, report, fingerprint)
     if exports:
         seconds["export"] = time.perf_counter() - t0
-    report["sizes"] = {"fp32_parameters_bytes": fp32_parameter_bytes(model),
+    report["sizes"] = {"fp32_parameters_bytes": fp32_parameter_bytes(run.model), **run.sizes_extra,
                        "checkpoint_bytes": (out / "checkpoint.safetensors").stat().st_size,
                        "onnx_bytes": report["exports"].get("onnx", {}).get("bytes")}
     seconds["total"] = time.perf_counter() - started

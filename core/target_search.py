@@ -41,15 +41,14 @@ import torch
 from torch import nn
 
 from core.calibration_sample import calibration_sample, sample_indices
-from core.checkpoint import library_versions, save
-from core.config import ACT_INIT_IMAGES, MAX_BITS, MIN_BITS, Method, QuantConfig
+from core.config import MAX_BITS, MIN_BITS, Method, QuantConfig
 from core.data import ImageDataset, load_dataset
 from core.device import resolve_device
 from core.errors import CancelledError, DatasetError, InvalidConfigError
 from core.evaluate import EVAL_BATCH, accuracy, agreement, dataset_labels, predict_logits
-from core.export.artifacts import DEFAULT_EXPORTS, check_exports, fp32_parameter_bytes, write_exports
+from core.export.artifacts import DEFAULT_EXPORTS, check_exports
 from core.models import ModelSpec, build_model, resolve_model_spec
-from core.pipeline import REPORT_VERSION, _preset_reason, layer_sqnr, write_json_atomic
+from core.pipeline import RunRecord, write_run_outputs
 from core.quantize import ProgressFn, QuantizedModel, StopFn, quantize
 from core.sensitivity import model_bytes, unit_sensitivity
 from core.unit_cache import UnitCache
@@ -494,8 +493,6 @@ def run_target_search(
     else:
         message = (f"target not met: no configuration tried kept top-1 within {drop_pts:.2f} points; the best found, "
                    f"{config.bits_label()}, loses {100 * chosen.drop:.2f} on the decision split")
-    layers = layer_sqnr(model.eval(), qmodel.model, calib[:ACT_INIT_IMAGES].to(dev))
-    spec_public = {**spec.to_dict(), "checkpoint": None}
     target_report = {
         **target.to_dict(), "target_met": met, "message": message,
         "chosen": {**chosen.describe(), "config": config.to_dict()},
@@ -505,52 +502,12 @@ def run_target_search(
         "smallest_uniform_meeting": found["smallest_uniform_meeting"],
         "sensitivity": found["sensitivity"], "unit_cache": found["unit_cache"],
     }
-    report: dict[str, Any] = {
-        "report_version": REPORT_VERSION,
-        "model": spec_public,
-        "w_bits": config.w_bits,
-        "a_bits": config.a_bits,
-        "per_unit_bits": config.to_dict()["per_unit_bits"],
-        "bits_label": config.bits_label(),
-        "method": config.method.value,
-        "preset": config.preset.value,
-        "preset_requested": requested_preset.value,
-        "preset_reason": _preset_reason(requested_preset, config, dev),
-        "config": config.to_dict(),
-        "calibration": {"source": calibration, "sha256": calib_ds.fingerprint, **sample.describe()},
-        "evaluation": {"source": evaluation, "sha256": eval_ds.fingerprint},
-        "fp": fp_metrics,
-        "quant": quant_metrics,
-        "target": target_report,
-        "reparam_logit_change": qmodel.reparam_logit_change,
-        "reparam_float32": qmodel.reparam_float32,
-        "baseline_check": qmodel.baseline_check,
-        "reconstruction": qmodel.reconstruction,
-        "layers": layers,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "versions": library_versions(),
-    }
-    emit("save")
-    t0 = time.perf_counter()
-    save(qmodel, out / "checkpoint.safetensors", metadata={
-        "model": spec_public, "method": config.method.value, "w_bits": config.w_bits, "a_bits": config.a_bits,
-        "per_unit_bits": report["per_unit_bits"], "calibration_sha256": calib_ds.fingerprint,
-        "calibration_sample": sample.describe(), "fp": fp_metrics, "quant": quant_metrics,
-        "target": {k: target_report[k] for k in ("max_top1_drop", "target_met", "decision", "heldout")},
-    })
-    seconds["save"] = time.perf_counter() - t0
-    if exports:
-        emit("export")
-        t0 = time.perf_counter()
-    report["exports"] = write_exports(qmodel.model, out, exports, report, calib_ds.fingerprint)
-    if exports:
-        seconds["export"] = time.perf_counter() - t0
-    report["sizes"] = {"fp32_parameters_bytes": fp32_parameter_bytes(model),
-                       "model_bytes": chosen.size_bytes,
-                       "checkpoint_bytes": (out / "checkpoint.safetensors").stat().st_size,
-                       "onnx_bytes": report["exports"].get("onnx", {}).get("bytes")}
-    seconds["total"] = time.perf_counter() - started
-    report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    write_json_atomic(out / "report.json", report)
-    return report
+    return write_run_outputs(RunRecord(
+        model=model, qmodel=qmodel, spec=spec, requested_preset=requested_preset, device=dev, calib=calib,
+        calibration=calibration, calib_ds=calib_ds, sample=sample, evaluation=evaluation, eval_ds=eval_ds,
+        fp_metrics=fp_metrics, quant_metrics=quant_metrics,
+        report_extra={"target": target_report},
+        metadata_extra={"target": {k: target_report[k] for k in ("max_top1_drop", "target_met", "decision",
+                                                                   "heldout")}},
+        sizes_extra={"model_bytes": chosen.size_bytes},
+    ), out, exports, seconds, started, emit)
