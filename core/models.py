@@ -369,15 +369,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected if k in state and state[k].shape != expected[k].shape
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
-        if mismatched:
-            parts.append(f"shape mismatch: {'; '.join(mismatched[:3])}")
-        raise ModelSpecError("weights do not fit the model: " + "; ".join(parts))
+    _raise_if_misfit(missing, unexpected, mismatched)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ModelSpecError(f"weights hold NaN or infinite values, e.g. in {bad[0]}")
@@ -545,17 +537,7 @@ def check_checkpoint_fits(spec: ModelSpec, path: Path, *, max_parameters: int = 
         allowed = FLOAT_WEIGHT_DTYPES if tensor.is_floating_point() else (_TORCH_DTYPES.get(tensor.dtype),)
         if entry.dtype not in allowed:
             wrong_dtype.append(f"{key}: checkpoint {entry.dtype} vs model {_TORCH_DTYPES.get(tensor.dtype)}")
-    if missing or unexpected or mismatched or wrong_dtype:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(k[:100] for k in unexpected[:3])}")
-        if mismatched:
-            parts.append(f"shape mismatch: {'; '.join(mismatched[:3])}")
-        if wrong_dtype:
-            parts.append(f"dtype mismatch: {'; '.join(wrong_dtype[:3])}")
-        raise ModelSpecError("weights do not fit the model: " + "; ".join(parts))
+    _raise_if_misfit(missing, [k[:100] for k in unexpected], mismatched, wrong_dtype)
     with open(path, "rb") as f:
         data_start = 8 + int.from_bytes(f.read(8), "little")
     bad = _nonfinite_tensor(path, data_start, entries)
@@ -586,3 +568,21 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
             flat = tensor.detach().contiguous().reshape(-1)
             if flat.numel():
                 f.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def _raise_if_misfit(
+    missing: list[str], unexpected: list[str], mismatched: list[str], wrong_dtype: list[str] | None = None
+) -> None:
+    """One message for weights that do not fit their architecture, whether they were loaded (a state
+    dict) or only read from a safetensors header: at most three examples of each kind of misfit."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
+    if mismatched:
+        parts.append(f"shape mismatch: {'; '.join(mismatched[:3])}")
+    if wrong_dtype:
+        parts.append(f"dtype mismatch: {'; '.join(wrong_dtype[:3])}")
+    if parts:
+        raise ModelSpecError("weights do not fit the model: " + "; ".join(parts))
