@@ -110,11 +110,13 @@ def delete_job(session: Session, job_id: str) -> list[str]:
     return shas
 
 
-def delete_upload(session: Session, row: Dataset | Model) -> str:
-    """Delete a dataset or model row in the caller's transaction; returns its blob to :func:`release`."""
+def delete_upload_and_release(session: Session, store: ArtifactStore, row: Dataset | Model) -> None:
+    """Delete a dataset or model row, commit, then remove its blob if no other row names it: the
+    order both DELETE routes need (the blob never goes before the row that names it)."""
     sha = row.sha256
     session.delete(row)
-    return sha
+    session.commit()
+    release(session, store, [sha])
 
 
 def active_jobs_using(session: Session, *, tenant_id: str, dataset_id: str | None = None,

@@ -202,7 +202,5 @@ def delete_model(model_id: str, session: SessionDep, store: StoreDep, tenant: Te
     in_use = blob_gc.active_jobs_using(session, tenant_id=tenant.id, model_id=row.id)
     if in_use:
         raise ApiError(409, "model_in_use", f"model {row.id} is used by {in_use} queued or running job(s)")
-    sha = blob_gc.delete_upload(session, row)
-    session.commit()
-    blob_gc.release(session, store, [sha])
+    blob_gc.delete_upload_and_release(session, store, row)
     return Response(status_code=204)
