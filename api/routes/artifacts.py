@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -93,17 +93,27 @@ class DownloadResponse(FileResponse):
         await super().__call__(scope, receive, send)
 
 
-@router.api_route(
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}},
+    206: {"description": "Partial content"},
+    304: {"description": "Not modified (If-None-Match)"},
+    416: {"description": "Range not satisfiable"},
+}
+
+
+# Two registrations rather than one api_route(methods=["GET", "HEAD"]): each method then gets its own
+# OpenAPI operation id, so generated clients do not see two operations with one name.
+@router.get(
     "/{name}",
-    methods=["GET", "HEAD"],
-    summary="Download an artifact (HEAD: its headers only)",
+    summary="Download an artifact",
     response_class=FileResponse,
-    responses={
-        200: {"content": {"application/octet-stream": {}}},
-        206: {"description": "Partial content"},
-        304: {"description": "Not modified (If-None-Match)"},
-        416: {"description": "Range not satisfiable"},
-    },
+    responses=_DOWNLOAD_RESPONSES,
+)
+@router.head(
+    "/{name}",
+    summary="An artifact's headers (size, ETag, Digest) without its bytes",
+    response_class=FileResponse,
+    responses=_DOWNLOAD_RESPONSES,
 )
 def download_artifact(
     job_id: str,

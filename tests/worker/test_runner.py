@@ -86,6 +86,6 @@ def test_progress_is_throttled_and_has_percent_and_eta(service, monkeypatch):
     assert progress["eta_seconds"] == pytest.approx(50 * 40 / 59, abs=0.1)
     with session_scope(service.settings.resolved_database_url) as session:
         stages = session.scalars(
-            select(JobEvent.message).where(JobEvent.job_id == job_id, JobEvent.kind == "stage")
+            select(JobEvent.message).where(JobEvent.job_id == job_id, JobEvent.kind == "stage").order_by(JobEvent.id)
         ).all()
     assert stages == ["stage1", "stage2"]  # one write per stage change; the rest throttled
