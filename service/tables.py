@@ -123,7 +123,7 @@ class Dataset(Base):
     filename: Mapped[str] = mapped_column(String(300))
     format: Mapped[str] = mapped_column(String(20))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     n: Mapped[int] = mapped_column(Integer)
     image_shape: Mapped[list[int]] = mapped_column(JSON)
     num_classes: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -145,7 +145,7 @@ class Model(Base):
     timm_kwargs: Mapped[dict[str, Any]] = mapped_column(JSON)
     preprocess: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -209,7 +209,7 @@ class Artifact(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
