@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.errors import CheckpointError, ModelSpecError
+from core.timm_kwargs import check_kwarg_types
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
 SUPPORTED_FAMILIES = ("vit_", "deit_", "deit3_", "swin_")
@@ -254,9 +255,23 @@ _EXTRAPOLATE_ABOVE = 4
 """Requested depths up to this many blocks per stage are built as asked; deeper ones are extrapolated."""
 
 
-def _meta_parameters(timm_name: str, kwargs: dict[str, Any]) -> int:
+@functools.cache
+def _model_class(timm_name: str) -> type[nn.Module]:
+    """The class ``timm_name`` builds, from a one-block build on the meta device (timm has no map)."""
+    fewest_blocks = {"depths": (1, 1, 1, 1)} if timm_name.startswith("swin") else {"depth": 1}
     with torch.device("meta"):
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        return type(timm.create_model(timm_name, pretrained=False, **fewest_blocks))
+
+
+def _meta_parameters(timm_name: str, kwargs: dict[str, Any]) -> int:
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    except Exception:
+        # A value of the wrong type often breaks the build somewhere deep; name the kwarg instead.
+        check_kwarg_types(_model_class(timm_name), kwargs)
+        raise
+    check_kwarg_types(type(model), kwargs)  # every submit passes here before any real build
     return sum(p.numel() for p in model.parameters())
 
 

@@ -321,6 +321,34 @@ def test_booleans_are_strict(service, value):
                                headers=auth(service.key_a)).status_code == 202
 
 
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"class_token": "no"}, "timm_kwargs.class_token must be true or false for VisionTransformer, not 'no'"),
+        ({"mlp_ratio": "4"}, "timm_kwargs.mlp_ratio must be a number"),
+        ({"global_pool": "mean"}, "timm_kwargs.global_pool must be one of"),
+        ({"img_size": ["28", "28"]}, "timm_kwargs.img_size must be an integer or a list"),
+    ],
+)
+def test_timm_kwargs_of_the_wrong_json_type_are_refused_not_taken_as_truthy(service, kwargs, fragment):
+    response = service.client.post(
+        "/v1/jobs",
+        json={**JOB, "model": {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"num_classes": 10, **kwargs}}},
+        headers=auth(service.key_a),
+    )
+    assert fragment in _error(response, 422, "invalid_model")
+    upload = service.client.post(
+        "/v1/models",
+        files={"file": ("w.safetensors", BUILTIN_WEIGHTS.read_bytes())},
+        data={
+            "timm_name": FMNIST_TIMM["timm_name"],
+            "timm_kwargs": json.dumps({**FMNIST_TIMM["timm_kwargs"], **kwargs}),
+        },
+        headers=auth(service.key_a),
+    )
+    assert fragment.split(" for ")[0] in _error(upload, 422, "invalid_model")
+
+
 def test_ids_echoed_in_messages_are_truncated(service):
     long_id = "job_" + "a" * 5000
     for path in (f"/v1/jobs/{long_id}", f"/v1/jobs/{long_id}/artifacts/x"):

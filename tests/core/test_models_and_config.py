@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import save_file
 import core
 from core import QuantConfig, build_model, list_builtin_models, resolve_model_spec
 from core.errors import InvalidConfigError, ModelSpecError
+from core.models import count_parameters
 from tests.core.conftest import small_vit
 
 
@@ -111,3 +113,31 @@ def test_importing_core_pulls_in_no_web_or_queue_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert "quantize" in core.__all__
+
+
+@pytest.mark.parametrize(
+    "timm_name, kwargs",
+    [
+        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg", "img_size": [28, 28], "patch_size": 4,
+                                  "act_layer": "gelu", "init_values": 1e-5, "mlp_ratio": 2, "fc_norm": None}),
+        ("swin_tiny_patch4_window7_224", {"depths": [1, 1, 1, 1], "window_size": 7, "mlp_ratio": 2, "qkv_bias": False}),
+    ],
+)
+def test_timm_kwargs_of_the_annotated_json_types_build(timm_name, kwargs):
+    assert count_parameters(resolve_model_spec({"timm_name": timm_name, "timm_kwargs": kwargs})) > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"class_token": "no"}, "class_token must be true or false for VisionTransformer, not 'no'"),
+        ({"qkv_bias": 0}, "qkv_bias must be true or false"),
+        ({"depth": 2, "embed_dim": 19.5}, "embed_dim must be an integer"),
+        ({"mlp_ratio": True}, "mlp_ratio must be a number"),
+        ({"init_values": "small"}, "init_values must be a number or null"),
+        ({"img_size": ["28", "28"], "patch_size": 4}, "img_size must be an integer or a list of integers"),
+    ],
+)
+def test_timm_kwargs_of_the_wrong_json_type_name_the_kwarg(kwargs, fragment):
+    with pytest.raises(ModelSpecError, match=re.escape(fragment)):
+        count_parameters(resolve_model_spec({"timm_name": "vit_tiny_patch16_224", "timm_kwargs": kwargs}))
