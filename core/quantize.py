@@ -94,7 +94,6 @@ def _reconstruct_all(
     """
     units = find_units(model)
     links = chain_links(fp_model, units, images[:2])
-    total = len(units) * config.iters
     log = []
     batch = max(config.batch_size, 64)
     fp_in = q_in = fp_out = None
@@ -109,26 +108,25 @@ def _reconstruct_all(
             fp_in = capture_unit_io(fp_model, name, images, batch, output=False)
             q_in = fp_in if inputs_from_fp else capture_unit_io(model, name, images, batch, output=False)
         fp_out = run_unit(fp_model.get_submodule(name), fp_in, batch)
-        base = u * config.iters
         key = cache[0].key(stage, config, units, u, cache[1]) if cache is not None else None
         hit = cache[0].get(key) if cache is not None else None
         if hit is not None:
             UnitCache.restore(model.get_submodule(name), hit[0])
             progress.done += config.iters
-            progress.emit(stage, name, base + config.iters, total, loss=hit[1].get("loss_end"))
+            progress.emit(stage, name, u, len(units), loss=hit[1].get("loss_end"))
             log.append({**hit[1], "cached": True})
             continue
 
-        def on_step(step: int, base: int = base, name: str = name, done_before: int = progress.done) -> None:
+        def on_step(step: int, u: int = u, name: str = name, done_before: int = progress.done) -> None:
             progress.done = done_before + step + 1  # a skipped unit reports all its steps at once
-            progress.emit(stage, name, base + step + 1, total)
+            progress.emit(stage, name, u, len(units))
 
         result = reconstruct_unit(
             model.get_submodule(name), q_in, fp_out, iters=config.iters, batch_size=config.batch_size,
             lr=config.lr, seed=config.seed * 1000 + u, on_step=on_step, should_stop=should_stop,
             choose_softmax=choose_softmax, split=split,
         )
-        progress.emit(stage, name, base + config.iters, total, loss=result.loss_end)
+        progress.emit(stage, name, u, len(units), loss=result.loss_end)
         log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end,
                     "loss_trained": result.loss_trained, "reverted": result.reverted, "skipped": result.skipped,
                     **({"softmax_quantizers": result.softmax_choice} if result.softmax_choice else {})})

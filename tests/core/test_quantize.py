@@ -34,8 +34,12 @@ def test_should_stop_cancels_within_one_optimisation_step():
 def test_progress_counts_every_step_of_both_stages_in_order():
     events = []
     quantize(small_vit(), QuantConfig(w_bits=4, a_bits=4, preset="smoke", iters=3), _calib(), progress=events.append)
-    steps = [e for e in events if e["stage"] in ("stage1", "stage3") and e["loss"] is None and e["index"]]
+    steps = [e for e in events if e["stage"] in ("stage1", "stage3") and e["loss"] is None and e["unit"]]
     units = 4  # patch_embed, 2 blocks, head
+    # index/total say which unit of how many (``blocks.0 2/4``); done/total_steps count the steps
+    where = dict.fromkeys((e["unit"], e["index"], e["total"]) for e in steps if e["stage"] == "stage3")
+    assert list(where) == [("patch_embed", 0, units), ("blocks.0", 1, units), ("blocks.1", 2, units),
+                           ("head", 3, units)]
     done = [e["done"] for e in steps]
     assert done == sorted(done) and done[-1] == 2 * units * 3
     assert all(e["total_steps"] == 2 * units * 3 for e in steps)
