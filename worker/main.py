@@ -15,7 +15,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from service.db import dispose_all
 from service.offline import go_offline
-from service.queue import make_celery, send_run_job
+from service.queue import make_celery, send_run_job, send_webhook
 from service.settings import Settings
 from worker.cpu_threads import apply_thread_budget, threads_per_job
 from worker.reaper import Reaper
@@ -30,7 +30,9 @@ def run_worker(settings: Settings, *, concurrency: int = 1, loglevel: str = "INF
     # The delivery task is registered too (not consumed: the job queue only), so a webhook message left
     # on the job queue by an older version is still delivered.
     app = make_celery(settings, include_tasks=True, webhooks=True)
-    reaper = Reaper(settings, lambda job_id: send_run_job(settings, job_id))
+    reaper = Reaper(
+        settings, lambda job_id: send_run_job(settings, job_id), lambda job_id: send_webhook(settings, job_id)
+    )
     retention = Retention(settings)
     threads = threads_per_job(settings.torch_threads, concurrency)
 

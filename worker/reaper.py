@@ -21,20 +21,25 @@ from worker.broker_inventory import pending_job_ids
 log = logging.getLogger("vitq.worker")
 
 
-def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[str, list[str]]:
-    """One pass. ``enqueue(job_id)`` sends the task again for re-queued jobs."""
+def reap_stale_jobs(
+    settings: Settings, enqueue: Callable[[str], None], notify: Callable[[str], None] | None = None
+) -> dict[str, list[str]]:
+    """One pass. ``enqueue(job_id)`` sends the task again for re-queued jobs; ``notify(job_id)`` queues
+    the job-end webhook of each job the pass ended that has one (its worker, which would have sent it,
+    is gone), after the commit."""
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_s)
     requeued: list[str] = []
     failed: list[str] = []
+    with_webhook: set[str] = set()
     with session_scope(settings.resolved_database_url) as session:
         candidates = session.execute(
-            select(Job.id, Job.attempts, Job.cancel_requested, Job.started_at).where(
+            select(Job.id, Job.attempts, Job.cancel_requested, Job.started_at, Job.webhook_url).where(
                 Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale
             )
         ).all()
         over_time = now - timedelta(seconds=settings.job_soft_time_limit_s)
-        for job_id, attempts, cancel_requested, started_at in candidates:
+        for job_id, attempts, cancel_requested, started_at, webhook_url in candidates:
             ending = _ending(settings, attempts, cancel_requested, started_at, over_time)
             if ending is not None:
                 status, code, event, message = ending
@@ -49,21 +54,26 @@ def reap_stale_jobs(settings: Settings, enqueue: Callable[[str], None]) -> dict[
                     message=message,
                 ):
                     failed.append(job_id)
+                    if webhook_url:
+                        with_webhook.add(job_id)
             elif lifecycle.requeue(session, job_id=job_id, attempt=attempts, stale_before=stale):
                 requeued.append(job_id)
-    _send_all(enqueue, requeued)
+    _send_all(enqueue, requeued, "run task")
+    if notify is not None:
+        _send_all(notify, [job_id for job_id in failed if job_id in with_webhook], "webhook")
     if requeued or failed:
         log.warning("reaper: re-queued %s, ended %s", requeued, failed)
     return {"requeued": requeued, "ended": failed}
 
 
-def _send_all(enqueue: Callable[[str], None], job_ids: list[str]) -> None:
-    """Send after the commit; a send that fails leaves the row for a later pass to send again."""
+def _send_all(send: Callable[[str], None], job_ids: list[str], what: str) -> None:
+    """Send after the commit. A re-queue that fails leaves the row ``queued`` for the lost-message pass
+    to send again; a webhook that fails to queue is logged (the job's end is recorded either way)."""
     for job_id in job_ids:
         try:
-            enqueue(job_id)
+            send(job_id)
         except Exception:
-            log.exception("could not re-enqueue %s; a later pass retries", job_id)
+            log.exception("could not send the %s of %s; see above", what, job_id)
 
 
 def _ending(
@@ -110,7 +120,7 @@ def requeue_lost_messages(
                 session, job_id=job_id, attempt=attempts, updated_at=updated_at
             ):
                 resent.append(job_id)
-    _send_all(enqueue, resent)
+    _send_all(enqueue, resent, "run task")
     if resent:
         log.warning("reaper: broker had lost %d queued job(s); sent again: %s", len(resent), resent)
     return resent
@@ -130,9 +140,12 @@ def _sent_to_queue(session: Session, job_ids: list[str], queue: str) -> set[str]
 class Reaper:
     """Runs ``reap_stale_jobs`` at worker start and then every ``reaper_interval_s``."""
 
-    def __init__(self, settings: Settings, enqueue: Callable[[str], None]) -> None:
+    def __init__(
+        self, settings: Settings, enqueue: Callable[[str], None], notify: Callable[[str], None] | None = None
+    ) -> None:
         self.settings = settings
         self.enqueue = enqueue
+        self.notify = notify
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vitq-reaper", daemon=True)
 
@@ -145,7 +158,7 @@ class Reaper:
     def _loop(self) -> None:
         while True:
             try:
-                reap_stale_jobs(self.settings, self.enqueue)
+                reap_stale_jobs(self.settings, self.enqueue, self.notify)
                 requeue_lost_messages(self.settings, self.enqueue, pending_job_ids(self.settings))
             except Exception as exc:  # database or broker down: the next pass tries again
                 log.warning("reaper pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
