@@ -67,7 +67,10 @@ def resolve_model(
     if ref in builtin_ids():
         stored = {"kind": "builtin", "id": ref}
         return ResolvedModel(ref, stored, spec_from_stored(stored, store, cache_dir))
-    row = session.scalar(select(Model).where(Model.id == ref, Model.tenant_id == tenant_id))
+    # FOR SHARE until the job row commits: a concurrent DELETE of the model waits, then sees the job (409).
+    row = session.scalar(
+        select(Model).where(Model.id == ref, Model.tenant_id == tenant_id).with_for_update(read=True)
+    )
     if row is None:
         raise ModelSpecError(
             f"unknown model {ref!r}: use a built-in id ({', '.join(sorted(builtin_ids()))}), "
@@ -140,7 +143,10 @@ def describe_data(session: Session, *, tenant_id: str, ref: str, role: str) -> d
         return dict(FMNIST_INFO, n=int(count) if count else FMNIST_SIZES[split])
     if ref.startswith("fashion-mnist"):
         raise DatasetError(f"{role}: {ref!r} is not fashion-mnist:train[:N] or fashion-mnist:test[:N]")
-    row = session.scalar(select(Dataset).where(Dataset.id == ref, Dataset.tenant_id == tenant_id))
+    # FOR SHARE until the job row commits: a concurrent DELETE of the dataset waits, then sees the job (409).
+    row = session.scalar(
+        select(Dataset).where(Dataset.id == ref, Dataset.tenant_id == tenant_id).with_for_update(read=True)
+    )
     if row is None:
         raise DatasetError(
             f"{role}: unknown dataset {ref!r}; "

@@ -87,10 +87,15 @@ def check_active_jobs(session: Session, settings: Settings, tenant: Tenant) -> N
         )
 
 
-def check_storage(session: Session, settings: Settings, tenant: Tenant, *, adding: int) -> None:
+def check_storage(session: Session, settings: Settings, tenant: Tenant, *, adding: int, lock: bool = False) -> None:
+    """``adding`` more bytes within ``max_storage_bytes``? Uploads check twice: before the bytes are
+    validated (a cheap refusal), and with ``lock`` in the transaction that records the row, the tenant
+    locked until it commits: two concurrent uploads then cannot both take the last room."""
     limit = limits_for(settings, tenant).max_storage_bytes
     if limit <= 0:
         return
+    if lock:
+        lock_tenant(session, tenant.id)
     used = storage_bytes(session, tenant.id)
     if used + adding > limit:
         raise QuotaExceeded(

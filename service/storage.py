@@ -106,9 +106,17 @@ RowT = TypeVar("RowT")
 
 
 def store_then_record(
-    session: Session, store: ArtifactStore, path: Path, make_row: Callable[[str, int], RowT]
+    session: Session,
+    store: ArtifactStore,
+    path: Path,
+    make_row: Callable[[str, int], RowT],
+    check: Callable[[], None] | None = None,
 ) -> RowT:
     """Put ``path`` in the store, then add and commit the row ``make_row(sha256, size)`` that references it.
+
+    ``check()`` runs first in the recording transaction, so locks it takes are held until the row commits
+    (the storage quota under the tenant's lock); whatever it raises aborts the record like any other
+    failure.
 
     The blob is held (``service.blob_gc.hold``: the collector cannot remove it while the row is being
     recorded) from the copy to the commit. Any failure after the blob is written (the INSERT refused, a
@@ -120,6 +128,8 @@ def store_then_record(
 
     sha, size = blob_gc.store_and_hold(session, store, path)
     try:
+        if check is not None:
+            check()
         row = make_row(sha, size)
         session.add(row)
         session.commit()

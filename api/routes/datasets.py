@@ -26,17 +26,21 @@ def _public(row: Dataset) -> DatasetPublic:
     return DatasetPublic.model_validate(row, from_attributes=True)
 
 
-def _get(session: SessionDep, tenant_id: str, dataset_id: str) -> Dataset:
-    row = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
+def _get(session: SessionDep, tenant_id: str, dataset_id: str, *, for_update: bool = False) -> Dataset:
+    query = select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    row = session.scalar(query.with_for_update() if for_update else query)
     if row is None:
         raise not_found("dataset", dataset_id)
     return row
 
 
-def check_storage_quota(session: SessionDep, settings: SettingsDep, tenant: TenantDep, size: int) -> None:
-    """``max_storage_bytes`` per tenant (datasets + models): 409 naming the quota, nothing stored."""
+def check_storage_quota(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, size: int, *, lock: bool = False
+) -> None:
+    """``max_storage_bytes`` per tenant (datasets + models): 409 naming the quota, nothing stored.
+    ``lock``: the final check, in the transaction that records the upload (``store_then_record``)."""
     try:
-        check_storage(session, settings, tenant, adding=size)
+        check_storage(session, settings, tenant, adding=size, lock=lock)
     except QuotaExceeded as exc:
         raise ApiError(409, "quota_exceeded", exc.message) from None
 
@@ -64,7 +68,8 @@ def upload_dataset(
             session,
             store,
             path if fmt == "npz" else raw,
-            lambda sha, _: Dataset(
+            check=lambda: check_storage_quota(session, settings, tenant, size, lock=True),
+            make_row=lambda sha, _: Dataset(
                 id=new_id("ds"),
                 tenant_id=tenant.id,
                 filename=filename,
@@ -98,7 +103,8 @@ def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dat
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset not used by an unfinished job")
 def delete_dataset(dataset_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep) -> Response:
     """409 while a queued or running job reads it; the blob goes only when no row (any tenant's) names it."""
-    row = _get(session, tenant.id, dataset_id)
+    # FOR UPDATE before the in-use check: a submit that read the row (FOR SHARE) commits its job first.
+    row = _get(session, tenant.id, dataset_id, for_update=True)
     in_use = blob_gc.active_jobs_using(session, tenant_id=tenant.id, dataset_id=row.id)
     if in_use:
         raise ApiError(409, "dataset_in_use", f"dataset {row.id} is used by {in_use} queued or running job(s)")

@@ -157,7 +157,8 @@ def upload_model(
             session,
             store,
             weights,
-            lambda sha, _: Model(
+            check=lambda: check_storage_quota(session, settings, tenant, size, lock=True),
+            make_row=lambda sha, _: Model(
                 id=new_id("mdl"),
                 tenant_id=tenant.id,
                 filename=filename,
@@ -196,7 +197,10 @@ def delete_model(model_id: str, session: SessionDep, store: StoreDep, tenant: Te
     when no row (any tenant's) names it."""
     if any(m["id"] == model_id for m in list_builtin_models()):
         raise ApiError(409, "builtin_model", f"{model_id!r} is a built-in model and cannot be deleted")
-    row = session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant.id))
+    # FOR UPDATE before the in-use check: a submit that read the row (FOR SHARE) commits its job first.
+    row = session.scalar(
+        select(Model).where(Model.id == model_id, Model.tenant_id == tenant.id).with_for_update()
+    )
     if row is None:
         raise not_found("model", model_id)
     in_use = blob_gc.active_jobs_using(session, tenant_id=tenant.id, model_id=row.id)

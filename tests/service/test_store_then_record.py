@@ -82,3 +82,55 @@ def test_a_failure_keeps_bytes_another_row_names(migrated_pg, tmp_path, tenant_i
             store_then_record(session, store, _blob(tmp_path, "shared"), _row(tenant_id, taken))
         assert store_blobs(store.root) == {sha}
         assert store.local_path(sha).read_text() == "shared"
+
+
+def test_two_concurrent_uploads_cannot_both_take_the_last_room_of_the_storage_quota(migrated_pg, tmp_path, tenant_id):
+    """Both pass the early check (nothing stored yet); the check inside the recording transaction takes
+    the tenant's lock, so the second waits for the first row to commit, counts it, and is refused."""
+    import threading
+
+    from service.quotas import QuotaExceeded, check_storage, set_limits, storage_bytes
+    from service.tables import Tenant
+    from tests.helpers import make_settings
+
+    settings = make_settings(tmp_path / "data", migrated_pg)
+    store = LocalStore(tmp_path / "store")
+    with session_scope(migrated_pg) as session:
+        set_limits(session, session.get(Tenant, tenant_id), max_storage_bytes=150)
+    first_checked, let_first_commit = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def upload(name: str, text: str, hold: bool) -> None:
+        with session_scope(migrated_pg) as session:
+            tenant = session.get(Tenant, tenant_id)
+            check_storage(session, settings, tenant, adding=len(text))  # the early check: both pass
+
+            def make(sha: str, size: int) -> Dataset:
+                if hold:  # the tenant lock is held from here to the commit
+                    first_checked.set()
+                    let_first_commit.wait(10)
+                return _row(tenant_id)(sha, size)
+
+            try:
+                store_then_record(session, store, _blob(tmp_path, text), make,
+                                  check=lambda: check_storage(session, settings, tenant, adding=len(text), lock=True))
+                outcome[name] = "recorded"
+            except QuotaExceeded as exc:
+                outcome[name] = exc.message
+
+    first = threading.Thread(target=upload, args=("first", "a" * 100, True))
+    first.start()
+    assert first_checked.wait(10)
+    second = threading.Thread(target=upload, args=("second", "b" * 100, False))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive(), f"the second upload did not wait for the first: {outcome}"
+    let_first_commit.set()
+    first.join(10)
+    second.join(10)
+    assert outcome["first"] == "recorded"
+    assert "keeps 100 bytes of uploads; 100 more would pass its limit of 150" in str(outcome["second"])
+    with session_scope(migrated_pg) as session:
+        assert storage_bytes(session, tenant_id) == 100
+        (sha,) = session.scalars(select(Dataset.sha256).where(Dataset.tenant_id == tenant_id)).all()
+    assert store_blobs(store.root) == {sha}  # the refused upload's blob is gone
