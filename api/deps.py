@@ -54,6 +54,11 @@ _recent_limits = RecentLimits()
 flooding key's 429 then costs one Redis call and no database query. A changed limit applies within
 ``RecentLimits.ttl_s``; a key revoked meanwhile gets 429 or 401, never access."""
 
+_recent_refusals = RecentLimits()
+"""Key digests refused in the last few seconds: a client retrying in a loop with a revoked or mistyped
+key gets its 401 without a database query each time. A refused digest cannot turn valid within the TTL:
+keys are random (``service.keys.create_key``) and a revoked key stays revoked."""
+
 bearer = HTTPBearer(auto_error=False, description="An API key from `vitq keys create`.")
 
 
@@ -67,6 +72,8 @@ def get_tenant(
     if credentials is None:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", challenge)
     digest = hash_key(credentials.credentials)[:32]
+    if _recent_refusals.get(digest) is not None:
+        raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)
     known = _recent_limits.get(digest)
     if known is not None:  # a key seen in the last seconds: an over-limit request is refused before the database
         _rate_limit(settings, known, digest, response)
@@ -76,6 +83,7 @@ def get_tenant(
     # waiting for a thread deadlocks the pool under load (measured: 30 s pool timeouts at 200 clients).
     session.commit()
     if tenant is None:
+        _recent_refusals.put(digest, True)
         raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)
     limits = limits_for(settings, tenant)
     _recent_limits.put(digest, limits)

@@ -123,7 +123,8 @@ class MemoryLimiter:
 
 
 class RecentLimits:
-    """A small time-bounded map from a key digest to its tenant's limits (see ``api.deps``)."""
+    """A small time-bounded map from a key digest to what was learnt about it: its tenant's limits, or
+    that it was refused (see ``api.deps``). Bounded: when full, expired entries go, then all."""
 
     ttl_s = 5.0
 

@@ -322,3 +322,33 @@ def test_revoked_key_gets_401_at_once_through_the_cli(api_process):
     response = httpx.get(f"{url}/v1/jobs", headers=auth(new["key"]), timeout=10)
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
     assert _cli(env, "keys", "revoke", new["key_id"]).returncode == 1  # already revoked: says so
+
+
+def test_a_client_retrying_with_a_revoked_key_costs_one_database_lookup_not_one_per_request(service):
+    """The refusal is remembered for a few seconds (``api.deps._recent_refusals``), like a valid key's limits."""
+    from sqlalchemy import event
+
+    from service.db import get_engine
+    from service.keys import create_key, revoke_key
+
+    with session_scope(service.settings.resolved_database_url) as session:
+        new = create_key(session, tenant_name="revoked-in-a-loop")
+    assert service.client.get("/v1/tenant", headers=auth(new.key)).status_code == 200
+    with session_scope(service.settings.resolved_database_url) as session:
+        assert revoke_key(session, key_or_id=new.key_id)
+    lookups: list[str] = []
+
+    def count(conn, cursor, statement, *args):  # noqa: ANN001
+        if "api_keys" in statement:
+            lookups.append(statement)
+
+    engine = get_engine(service.settings.resolved_database_url)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        # the valid key's cached limits may let the first request through to the lookup, never access
+        answers = [service.client.get("/v1/tenant", headers=auth(new.key)).status_code for _ in range(20)]
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert answers == [401] * 20
+    assert len(lookups) == 1, lookups
+    assert service.client.get("/v1/tenant", headers=auth(service.key_a)).status_code == 200  # others unaffected
