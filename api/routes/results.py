@@ -14,7 +14,12 @@ from service.tables import Report
 router = APIRouter(prefix="/v1/results", tags=["results"])
 
 
-@router.get("", summary="Compare finished runs (FP vs quantized top-1, seconds, preset)")
+@router.get(
+    "",
+    summary="Compare finished runs (FP vs quantized top-1, seconds, preset)",
+    description="`w_bits`/`a_bits` filter on the base widths; a mixed-precision model (from an accuracy-target "
+    "job) is listed under its base widths with `bits_label` and `per_unit_bits` saying which units differ.",
+)
 def list_results(
     session: SessionDep,
     tenant: TenantDep,
@@ -43,6 +48,9 @@ def list_results(
                 model=r.model_key,
                 w_bits=r.w_bits,
                 a_bits=r.a_bits,
+                # a target job's mixed model is filed under its base widths; these say it is mixed
+                bits_label=str((r.report or {}).get("bits_label") or f"W{r.w_bits}A{r.a_bits}"),
+                per_unit_bits=(r.report or {}).get("per_unit_bits") or None,
                 method=r.method,
                 preset=r.preset,
                 fp_top1=r.fp_top1,
