@@ -14,17 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import VitqError
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _str_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+from vitq.arg_types import int_list, str_list
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -208,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, help="activation bits (or --target-drop)")
     q.add_argument("--target-drop", type=float, help="instead of bits: the smallest model whose top-1 drops at most "
                    "this much (a fraction: 0.01 is one point) on a decision split of --eval; needs --eval")
-    q.add_argument("--target-w-bits", type=_int_list, help="weight widths the target search may use (default 3,4,6,8)")
-    q.add_argument("--target-a-bits", type=_int_list, help="activation widths it may use (default 3,4,6,8)")
+    q.add_argument("--target-w-bits", type=int_list, help="weight widths the target search may use (default 3,4,6,8)")
+    q.add_argument("--target-a-bits", type=int_list, help="activation widths it may use (default 3,4,6,8)")
     q.add_argument("--max-trials", type=int, help="most quantizations the target search runs (default 8)")
     q.add_argument("--decision-fraction", type=float,
                    help="share of --eval the search decides on (default 0.5; the rest is held out)")
@@ -253,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run every row with seeds 0..N-1 and print mean ± standard deviation per row")
         _add_quant_options(b)
         if name == "bench":
-            b.add_argument("--bits", type=_int_list, default=[3, 4, 6])
-            b.add_argument("--methods", type=_str_list, default=["isvit", "repq", "ptq-uniform"])
+            b.add_argument("--bits", type=int_list, default=[3, 4, 6])
+            b.add_argument("--methods", type=str_list, default=["isvit", "repq", "ptq-uniform"])
         else:
             b.add_argument("--bits", type=int, default=3)
-            b.add_argument("--arms", type=_str_list, help="comma-separated subset of: sulq-or-logsqrt2, sulq, log2, "
+            b.add_argument("--arms", type=str_list, help="comma-separated subset of: sulq-or-logsqrt2, sulq, log2, "
                                                           "logsqrt2, uniform, sulq-sos-off (default: all)")
         b.set_defaults(func=func)
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vitq.arg_types import int_list
 from vitq.progress import JobProgress
 
 
@@ -49,13 +50,27 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
     }
     body: dict[str, Any] = {
         "model": model,
-        "w_bits": args.w_bits,
-        "a_bits": args.a_bits,
         "method": args.method,
         "preset": args.preset,
         "calibration": args.calibration,
         "options": options,
     }
+    # The API checks the combination (fixed bits or a target, not both; a target needs evaluation data).
+    body.update({k: v for k, v in {"w_bits": args.w_bits, "a_bits": args.a_bits}.items() if v is not None})
+    target = {
+        k: v
+        for k, v in {
+            "max_top1_drop": args.target_drop,
+            "w_bits": args.target_w_bits,
+            "a_bits": args.target_a_bits,
+            "max_trials": args.max_trials,
+            "decision_fraction": args.decision_fraction,
+            "mixed": False if args.no_mixed else None,
+        }.items()
+        if v is not None
+    }
+    if target:
+        body["target"] = target
     if args.evaluation:
         body["evaluation"] = args.evaluation
     if args.webhook_url:
@@ -199,8 +214,16 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p = jobs.add_parser("submit", help="submit a quantization job")
     p.add_argument("--model", default="fmnist-vit-tiny", help="built-in id, uploaded model id, or JSON")
-    p.add_argument("--w-bits", type=int, required=True)
-    p.add_argument("--a-bits", type=int, required=True)
+    p.add_argument("--w-bits", type=int, help="weight bits (or --target-drop)")
+    p.add_argument("--a-bits", type=int, help="activation bits (or --target-drop)")
+    p.add_argument("--target-drop", type=float, help="instead of bits: the smallest model whose top-1 drops at most "
+                   "this much (a fraction: 0.01 is one point); needs --evaluation")
+    p.add_argument("--target-w-bits", type=int_list, help="weight widths the search may use (default 3,4,6,8)")
+    p.add_argument("--target-a-bits", type=int_list, help="activation widths it may use (default 3,4,6,8)")
+    p.add_argument("--max-trials", type=int, help="most quantizations the search runs (default 8)")
+    p.add_argument("--decision-fraction", type=float, help="share of the evaluation data the search decides on "
+                   "(default 0.5; the rest is held out)")
+    p.add_argument("--no-mixed", action="store_true", help="target search: uniform widths only")
     p.add_argument("--method", default="isvit")
     p.add_argument("--preset", default="auto", choices=["auto", "paper", "quick", "smoke"],
                    help="auto (default): paper on a GPU worker, quick on a CPU one")
