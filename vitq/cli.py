@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import VitqError
-from vitq.arg_types import int_list, str_list
+from vitq.cli_args import add_bits_or_target_arguments, int_list, str_list, target_fields
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -34,10 +34,7 @@ def _target_spec(args: argparse.Namespace) -> Any:
                                  "(--target-w-bits/--target-a-bits bound the search)")
     if not args.eval:
         raise InvalidConfigError("--target-drop needs labelled evaluation data (--eval): the target is a top-1 drop")
-    fields: dict[str, Any] = {"max_top1_drop": args.target_drop, "w_bits": args.target_w_bits,
-                              "a_bits": args.target_a_bits, "max_trials": args.max_trials,
-                              "decision_fraction": args.decision_fraction, "mixed": False if args.no_mixed else None}
-    return TargetSpec.from_dict({k: v for k, v in fields.items() if v is not None})
+    return TargetSpec.from_dict(target_fields(args))
 
 
 def _print_target(report: dict[str, Any]) -> None:
@@ -194,16 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model; write checkpoint.safetensors and report.json")
     q.add_argument("--model", required=True, help="built-in id, model-spec JSON file, or timm name")
-    q.add_argument("--w-bits", type=int, help="weight bits (or --target-drop)")
-    q.add_argument("--a-bits", type=int, help="activation bits (or --target-drop)")
-    q.add_argument("--target-drop", type=float, help="instead of bits: the smallest model whose top-1 drops at most "
-                   "this much (a fraction: 0.01 is one point) on a decision split of --eval; needs --eval")
-    q.add_argument("--target-w-bits", type=int_list, help="weight widths the target search may use (default 3,4,6,8)")
-    q.add_argument("--target-a-bits", type=int_list, help="activation widths it may use (default 3,4,6,8)")
-    q.add_argument("--max-trials", type=int, help="most quantizations the target search runs (default 8)")
-    q.add_argument("--decision-fraction", type=float,
-                   help="share of --eval the search decides on (default 0.5; the rest is held out)")
-    q.add_argument("--no-mixed", action="store_true", help="target search: uniform widths only")
+    add_bits_or_target_arguments(q, eval_flag="--eval")
     q.add_argument("--method", default="isvit", choices=["isvit", "repq", "ptq-uniform"])
     q.add_argument("--calib", required=True, help="calibration data: fashion-mnist:train[:N], .npz, dir or archive")
     q.add_argument("--eval", help="evaluation data (labelled)")

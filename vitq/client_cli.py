@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitq.arg_types import int_list
+from vitq.cli_args import add_bits_or_target_arguments, given, target_fields
 from vitq.progress import JobProgress
 
 
@@ -38,16 +38,9 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
     model: Any = args.model
     if args.model.startswith("{"):
         model = json.loads(args.model)
-    options = {
-        k: v
-        for k, v in {
-            "iters": args.iters,
-            "calib_size": args.calib_size,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-        }.items()
-        if v is not None
-    }
+    options = given(
+        {"iters": args.iters, "calib_size": args.calib_size, "batch_size": args.batch_size, "seed": args.seed}
+    )
     body: dict[str, Any] = {
         "model": model,
         "method": args.method,
@@ -56,19 +49,8 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
         "options": options,
     }
     # The API checks the combination (fixed bits or a target, not both; a target needs evaluation data).
-    body.update({k: v for k, v in {"w_bits": args.w_bits, "a_bits": args.a_bits}.items() if v is not None})
-    target = {
-        k: v
-        for k, v in {
-            "max_top1_drop": args.target_drop,
-            "w_bits": args.target_w_bits,
-            "a_bits": args.target_a_bits,
-            "max_trials": args.max_trials,
-            "decision_fraction": args.decision_fraction,
-            "mixed": False if args.no_mixed else None,
-        }.items()
-        if v is not None
-    }
+    body.update(given({"w_bits": args.w_bits, "a_bits": args.a_bits}))
+    target = target_fields(args)
     if target:
         body["target"] = target
     if args.evaluation:
@@ -214,16 +196,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p = jobs.add_parser("submit", help="submit a quantization job")
     p.add_argument("--model", default="fmnist-vit-tiny", help="built-in id, uploaded model id, or JSON")
-    p.add_argument("--w-bits", type=int, help="weight bits (or --target-drop)")
-    p.add_argument("--a-bits", type=int, help="activation bits (or --target-drop)")
-    p.add_argument("--target-drop", type=float, help="instead of bits: the smallest model whose top-1 drops at most "
-                   "this much (a fraction: 0.01 is one point); needs --evaluation")
-    p.add_argument("--target-w-bits", type=int_list, help="weight widths the search may use (default 3,4,6,8)")
-    p.add_argument("--target-a-bits", type=int_list, help="activation widths it may use (default 3,4,6,8)")
-    p.add_argument("--max-trials", type=int, help="most quantizations the search runs (default 8)")
-    p.add_argument("--decision-fraction", type=float, help="share of the evaluation data the search decides on "
-                   "(default 0.5; the rest is held out)")
-    p.add_argument("--no-mixed", action="store_true", help="target search: uniform widths only")
+    add_bits_or_target_arguments(p, eval_flag="--evaluation")
     p.add_argument("--method", default="isvit")
     p.add_argument("--preset", default="auto", choices=["auto", "paper", "quick", "smoke"],
                    help="auto (default): paper on a GPU worker, quick on a CPU one")
