@@ -69,6 +69,10 @@ class QuantWindowAttention(nn.Module):
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
         self.qkv, self.proj = qkv, proj
         self.matmul = quantizers
+        # What the block pads windows with, in this module's input space (core/swin_padding.py): zero,
+        # until SOS stage 2 folds the post-LN quantizer and it becomes the folded image of zero.
+        self.register_buffer("pad_value", torch.zeros(qkv.in_features, dtype=qkv.weight.dtype))
+        self.offset_input = False  # set by the block while it passes x − pad_value: add it back first
 
     def _rel_pos_bias(self) -> torch.Tensor:
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
@@ -77,6 +81,8 @@ class QuantWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, _ = x.shape
+        if self.offset_input:
+            x = x + self.pad_value
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         m = self.matmul

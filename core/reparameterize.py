@@ -14,14 +14,17 @@ the dequantized offset, so stage 2 is lossless with the quantizers on as well.
 from __future__ import annotations
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
+from core.quant_attention import QuantWindowAttention
 from core.quant_linear import QuantLinear
 from core.wrap import find_ln_pairs
 
 
 @torch.no_grad()
-def reparameterize_pair(ln: nn.LayerNorm, linear: QuantLinear) -> None:
+def reparameterize_pair(ln: nn.LayerNorm, linear: QuantLinear) -> torch.Tensor:
+    """Fold one pair; returns ``β_off``: the LayerNorm's output is ``x/r − β_off`` from now on."""
     quantizer = linear.input_quantizer
     s = quantizer.scale.reshape(-1).to(linear.weight.dtype)
     z = quantizer.zero_point.reshape(-1).to(linear.weight.dtype)
@@ -38,11 +41,23 @@ def reparameterize_pair(ln: nn.LayerNorm, linear: QuantLinear) -> None:
         linear.bias.add_(extra)
     quantizer.set_params(s_mean, z_mean)
     quantizer.channel_dim = None
+    return beta_off
 
 
 def reparameterize(model: nn.Module) -> int:
-    """Apply stage 2 to every channel-wise post-LN quantizer; returns how many were changed."""
+    """Apply stage 2 to every channel-wise post-LN quantizer; returns how many were changed.
+
+    A Swin block pads its attention input after ``norm1``: the original zero is ``−β_off`` in the
+    folded space, so that becomes the block's pad value (``core/swin_padding.py``)."""
+    window_attention = {
+        id(m.attn.qkv): m.attn
+        for m in model.modules()
+        if isinstance(m, SwinTransformerBlock) and isinstance(m.attn, QuantWindowAttention)
+    }
     pairs = find_ln_pairs(model)
     for ln, linear in pairs:
-        reparameterize_pair(ln, linear)
+        beta_off = reparameterize_pair(ln, linear)
+        attn = window_attention.get(id(linear))
+        if attn is not None:
+            attn.pad_value.copy_(-beta_off)
     return len(pairs)

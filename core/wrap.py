@@ -20,6 +20,7 @@ from core.errors import InvalidConfigError, ModelSpecError
 from core.quant_attention import QuantAttention, QuantWindowAttention, _MatmulQuantizers
 from core.quant_linear import QuantConv2d, QuantLinear
 from core.quantizers import SULQ, ActQuantizer, Log2Quantizer, LogSqrt2Quantizer, SelectQuantizer, UniformQuantizer
+from core.swin_padding import pad_with_pad_value
 
 UNIT_TYPES = (Block, SwinTransformerBlock, PatchMerging)
 """Modules reconstructed as one unit by SOS; the patch embedding and loose Linears are units too."""
@@ -129,6 +130,9 @@ def wrap_model(model: nn.Module, config: QuantConfig) -> nn.Module:
                 replacements.append((parent, name, new))
     for parent, name, new in replacements:
         setattr(parent, name, new)
+    for module in model.modules():
+        if isinstance(module, SwinTransformerBlock):
+            pad_with_pad_value(module)  # exact window padding after stage 2 (core/swin_padding.py)
 
     replacements = []
     for parent_name, parent in model.named_modules():

@@ -29,6 +29,7 @@ CASES = [
     ("vit", 2, 2, "ptq-uniform", {}),  # uniform post-Softmax, 2-bit codes
     ("vit", 6, 6, "isvit", {"softmax_quantizer": "log2"}),
     ("swin", 4, 4, "repq", {}),  # windows, shifts, relative-position bias
+    ("swin-padded", 4, 4, "isvit", {}),  # windows padded with the folded image of zero after stage 2
 ]
 
 
@@ -41,7 +42,8 @@ def _images(kind: str, n: int, seed: int) -> torch.Tensor:
                 f"{'-'.join(f'{k}={v}' for k, v in c[4].items())}")
 def exported(request, tmp_path_factory):
     kind, w_bits, a_bits, method, extra = request.param
-    model = small_vit() if kind == "vit" else small_swin(in_chans=1)
+    model = {"vit": small_vit, "swin": lambda: small_swin(in_chans=1),
+             "swin-padded": lambda: small_swin(window_size=4, in_chans=1)}[kind]()
     config = QuantConfig(w_bits=w_bits, a_bits=a_bits, method=method, preset="smoke", iters=0, calib_size=16,
                          **extra)
     qmodel = quantize(model, config, _images(kind, 16, 0))

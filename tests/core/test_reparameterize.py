@@ -6,7 +6,7 @@ from core.config import QuantConfig
 from core.quantizers import UniformQuantizer
 from core.reparameterize import reparameterize
 from core.wrap import find_ln_pairs, set_quant_state, wrap_model
-from tests.core.conftest import small_swin, small_vit
+from tests.core.conftest import padded_swin, small_swin, small_vit
 
 
 def _calibrated(model, x):
@@ -16,7 +16,7 @@ def _calibrated(model, x):
 
 
 def test_stage2_is_lossless_with_quantizers_off_float64_vit_and_swin():
-    for factory, shape in ((small_vit, (1, 28, 28)), (small_swin, (3, 56, 56))):
+    for factory, shape in ((small_vit, (1, 28, 28)), (small_swin, (3, 56, 56)), (padded_swin, (3, 56, 56))):
         torch.manual_seed(0)
         x = torch.randn(8, *shape)
         model = _calibrated(factory(), x).double()
@@ -122,3 +122,48 @@ def test_the_reported_stage2_change_is_exactly_zero_in_float64_and_float32_noise
     record = q.reparam_float32
     assert record["codes"] == 2 * 2 * 32 * 50 * 192 and 0 <= record["codes_changed"] <= record["codes"] * 1e-4
     assert record["logit_change_float32"] >= 0 and record["float32_rounding_noise"] >= 0
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("factory", [small_swin, padded_swin], ids=["whole-windows", "padded"])
+def test_stage2_leaves_a_swins_logits_unchanged_with_quantizers_on_float64(factory, bits):
+    """The padded case: timm pads the attention input with zeros after the LayerNorm, and zero in the folded
+    space is not zero in the original one; the block pads with the folded image of zero instead."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 56, 56)
+    model = wrap_model(factory(), QuantConfig(w_bits=bits, a_bits=bits, method="isvit"))
+    calibrate_activations(model, x[:8])
+    model = model.double()
+    set_quant_state(model, weights=False, activations=True)  # as in SOS: weights stay float until stage 3
+    with torch.no_grad():
+        before = model(x.double())
+        assert reparameterize(model) > 0
+        after = model(x.double())
+    assert ((after - before).norm() / before.norm()).item() <= 1e-9
+
+
+def test_a_padded_swins_checkpoint_keeps_its_pad_values_and_an_older_one_without_them_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from core import load, quantize, save
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 56, 56)
+    q = quantize(padded_swin(), QuantConfig(w_bits=4, a_bits=4, preset="smoke", iters=1, calib_size=16), x)
+    pads = {k: v for k, v in q.model.state_dict().items() if k.endswith(".attn.pad_value")}
+    assert len(pads) == 4 and all(v.abs().max() > 0 for v in pads.values())  # set by stage 2
+    spec = {"timm_name": "swin_tiny_patch4_window7_224", "timm_kwargs": {"img_size": 56, "window_size": 4,
+            "depths": [2, 2], "num_heads": [2, 4], "embed_dim": 32, "num_classes": 10}}
+    save(q, tmp_path / "checkpoint.safetensors", metadata={"model": spec})
+    loaded = load(tmp_path / "checkpoint.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:4]), q.model.eval()(x[:4]))
+    # a checkpoint from before pad values existed: zero padding, as it was made
+    tensors = load_file(str(tmp_path / "checkpoint.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v for k, v in tensors.items() if k not in pads}, str(tmp_path / "old.safetensors"), metadata)
+    old = load(tmp_path / "old.safetensors")
+    assert all(v.abs().max() == 0 for k, v in old.state_dict().items() if k.endswith(".attn.pad_value"))

@@ -9,11 +9,12 @@ from core.errors import ModelSpecError
 from core.quant_attention import QuantAttention, QuantWindowAttention
 from core.quant_linear import QuantConv2d, QuantLinear
 from core.wrap import find_ln_pairs, find_units, wrap_model
-from tests.core.conftest import small_swin, small_vit
+from tests.core.conftest import padded_swin, small_swin, small_vit
 
 CASES = [
     ("vit", small_vit, (1, 28, 28)),
     ("swin", small_swin, (3, 56, 56)),
+    ("swin-padded", padded_swin, (3, 56, 56)),
 ]
 
 
