@@ -2,7 +2,10 @@
 so the export measurements (docs/export.md) compare ONNX Runtime and PyTorch on a model whose logits mean
 something. Writes OUT/swin-fmnist.safetensors and OUT/swin-fmnist.json (a vitq model spec).
 
-    .venv/bin/python scripts/train_fmnist_swin.py OUT [--steps 400]
+    .venv/bin/python scripts/train_fmnist_swin.py OUT [--steps 400] [--window-size 4]
+
+``--window-size 4`` makes a Swin whose 14×14 and 7×7 feature maps are padded to whole windows (what
+docs/fidelity.md measures stage 2 on).
 """
 
 from __future__ import annotations
@@ -31,17 +34,19 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--window-size", type=int, default=SPEC["timm_kwargs"]["window_size"])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = make_spec(SPEC)
+    spec_dict = {**SPEC, "timm_kwargs": {**SPEC["timm_kwargs"], "window_size": args.window_size}}
+    spec = make_spec(spec_dict)
     torch.manual_seed(0)
     data = load_dataset("fashion-mnist:train", spec.preprocess)
     n = min(args.steps * args.batch, len(data.labels))
     order = torch.randperm(n)
     x = data.images(n)[order]  # the first n training images (the file is not sorted by class), shuffled
     labels = torch.as_tensor(data.labels[:n].astype("int64"))[order]
-    model = timm.create_model(SPEC["timm_name"], **SPEC["timm_kwargs"]).train()
+    model = timm.create_model(spec_dict["timm_name"], **spec_dict["timm_kwargs"]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     started = time.perf_counter()
     for step in range(args.steps):
@@ -57,7 +62,7 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} {time.perf_counter() - started:.0f}s", flush=True)
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "swin-fmnist.safetensors"))
-    (out / "swin-fmnist.json").write_text(json.dumps({**SPEC, "checkpoint": "swin-fmnist.safetensors"}, indent=2))
+    (out / "swin-fmnist.json").write_text(json.dumps({**spec_dict, "checkpoint": "swin-fmnist.safetensors"}, indent=2))
     print(f"trained {args.steps} steps in {time.perf_counter() - started:.0f}s; wrote {out}")
 
 
