@@ -18,8 +18,8 @@ from service.offline import go_offline
 from service.queue import make_celery, send_run_job, send_webhook
 from service.settings import Settings
 from worker.cpu_threads import apply_thread_budget, threads_per_job
-from worker.reaper import Reaper
-from worker.retention import Retention
+from worker.reaper import reaper
+from worker.retention import retention
 
 log = logging.getLogger("vitq.worker")
 
@@ -30,21 +30,21 @@ def run_worker(settings: Settings, *, concurrency: int = 1, loglevel: str = "INF
     # The delivery task is registered too (not consumed: the job queue only), so a webhook message left
     # on the job queue by an older version is still delivered.
     app = make_celery(settings, include_tasks=True, webhooks=True)
-    reaper = Reaper(
+    reaper_pass = reaper(
         settings, lambda job_id: send_run_job(settings, job_id), lambda job_id: send_webhook(settings, job_id)
     )
-    retention = Retention(settings)
+    retention_pass = retention(settings)
     threads = threads_per_job(settings.torch_threads, concurrency)
 
     @worker_ready.connect(weak=False)
     def _start_reaper(**_: object) -> None:
-        reaper.start()
-        retention.start()
+        reaper_pass.start()
+        retention_pass.start()
 
     @worker_shutdown.connect(weak=False)
     def _stop_reaper(**_: object) -> None:
-        reaper.stop()
-        retention.stop()
+        reaper_pass.stop()
+        retention_pass.stop()
 
     @worker_process_init.connect(weak=False)
     def _fresh_connections(**_: object) -> None:

@@ -5,7 +5,6 @@ Jobs whose broker message was lost (Redis restarted without persistence): sent a
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -17,6 +16,7 @@ from service.db import session_scope
 from service.settings import Settings
 from service.tables import Job, JobErrorCode, JobEvent, JobStatus, utcnow
 from worker.broker_inventory import pending_job_ids
+from worker.periodic import PeriodicPass
 
 log = logging.getLogger("vitq.worker")
 
@@ -137,30 +137,13 @@ def _sent_to_queue(session: Session, job_ids: list[str], queue: str) -> set[str]
     return {job_id for job_id, data in rows if isinstance(data, dict) and data.get("queue") == queue}
 
 
-class Reaper:
-    """Runs ``reap_stale_jobs`` at worker start and then every ``reaper_interval_s``."""
+def reaper(
+    settings: Settings, enqueue: Callable[[str], None], notify: Callable[[str], None] | None = None
+) -> PeriodicPass:
+    """``reap_stale_jobs`` and ``requeue_lost_messages`` at worker start and then every ``reaper_interval_s``."""
 
-    def __init__(
-        self, settings: Settings, enqueue: Callable[[str], None], notify: Callable[[str], None] | None = None
-    ) -> None:
-        self.settings = settings
-        self.enqueue = enqueue
-        self.notify = notify
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vitq-reaper", daemon=True)
+    def one_pass() -> None:
+        reap_stale_jobs(settings, enqueue, notify)
+        requeue_lost_messages(settings, enqueue, pending_job_ids(settings))
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                reap_stale_jobs(self.settings, self.enqueue, self.notify)
-                requeue_lost_messages(self.settings, self.enqueue, pending_job_ids(self.settings))
-            except Exception as exc:  # database or broker down: the next pass tries again
-                log.warning("reaper pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
-            if self._stop.wait(self.settings.reaper_interval_s):
-                return
+    return PeriodicPass("reaper", one_pass, settings.reaper_interval_s)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from service.db import session_scope
 from service.settings import Settings
 from service.storage import get_store
 from service.tables import utcnow
+from worker.periodic import PeriodicPass
 
 log = logging.getLogger("vitq.worker")
 
@@ -63,27 +63,7 @@ def prune_cache(cache_dir: Path, store: object) -> list[Path]:
     return pruned
 
 
-class Retention:
-    """Runs :func:`retention_pass` shortly after worker start and then every ``retention_interval_s``."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vitq-retention", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        if self._stop.wait(min(30.0, self.settings.retention_interval_s)):
-            return
-        while True:
-            try:
-                retention_pass(self.settings)
-            except Exception as exc:  # database down, store unreadable: the next pass tries again
-                log.warning("retention pass failed: %s: %s", type(exc).__name__, str(exc)[:200])
-            if self._stop.wait(self.settings.retention_interval_s):
-                return
+def retention(settings: Settings) -> PeriodicPass:
+    """:func:`retention_pass` shortly after worker start (30 s) and then every ``retention_interval_s``."""
+    return PeriodicPass("retention", lambda: retention_pass(settings), settings.retention_interval_s,
+                        first_delay_s=min(30.0, settings.retention_interval_s))
