@@ -267,9 +267,13 @@ def _meta_parameters(timm_name: str, kwargs: dict[str, Any]) -> int:
     try:
         with torch.device("meta"):
             model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    except Exception:
+    except Exception as build_error:
         # A value of the wrong type often breaks the build somewhere deep; name the kwarg instead.
-        check_kwarg_types(_model_class(timm_name), kwargs)
+        try:
+            model_class = _model_class(timm_name)
+        except Exception:  # not even one block builds: timm's own error is the one to report
+            raise build_error from None
+        check_kwarg_types(model_class, kwargs)
         raise
     check_kwarg_types(type(model), kwargs)  # every submit passes here before any real build
     return sum(p.numel() for p in model.parameters())
