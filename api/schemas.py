@@ -274,8 +274,9 @@ class ResultPublic(BaseModel):
     w_bits: int = Field(description="The base weight width (every unit, unless `per_unit_bits` says otherwise).")
     a_bits: int = Field(description="The base activation width.")
     bits_label: str = Field(description="`W4A4`, or `W3A3 + 3 units W4A4` for a mixed-precision model.")
-    per_unit_bits: dict[str, list[int]] | None = Field(
-        description="Each unit's widths, `{unit: [w_bits, a_bits]}`, for a per-unit model; null when uniform."
+    per_unit_bits: dict[str, dict[str, int]] | None = Field(
+        description="The units at their own widths, `{unit: {\"w_bits\": …, \"a_bits\": …}}`, as in the job's "
+        "result; null when uniform."
     )
     method: str
     preset: str

@@ -3,6 +3,7 @@ mixed (``bits_label``, ``per_unit_bits``), so a W3A3 filter does not pass it off
 
 from __future__ import annotations
 
+from core.config import QuantConfig
 from service.db import session_scope
 from service.keys import authenticate
 from service.tables import Job, Report, new_id
@@ -20,12 +21,14 @@ def _finished(session, tenant_id: str, *, w: int, a: int, report: dict) -> str:
 
 
 def test_a_mixed_model_is_filed_under_its_base_widths_and_says_it_is_mixed(service):
-    per_unit = {"blocks.0": [4, 4], "blocks.5": [4, 4], "head": [4, 4], "blocks.1": [3, 3]}
+    # what core.pipeline writes into report.json for a mixed model
+    config = QuantConfig(w_bits=3, a_bits=3, per_unit_bits={u: (4, 4) for u in ("patch_embed", "head", "blocks.0")})
+    per_unit, label = config.to_dict()["per_unit_bits"], config.bits_label()
+    assert label == "W3A3 + 3 units W4A4"
     with session_scope(service.settings.resolved_database_url) as session:
         tenant_id = authenticate(session, key=service.key_a).id
         uniform = _finished(session, tenant_id, w=3, a=3, report={"bits_label": "W3A3", "per_unit_bits": None})
-        mixed = _finished(session, tenant_id, w=3, a=3,
-                          report={"bits_label": "W3A3 + 3 units W4A4", "per_unit_bits": per_unit})
+        mixed = _finished(session, tenant_id, w=3, a=3, report={"bits_label": label, "per_unit_bits": per_unit})
         legacy = _finished(session, tenant_id, w=3, a=3, report={})  # a report from before bits_label existed
     response = service.client.get("/v1/results", params={"w_bits": 3, "a_bits": 3}, headers=auth(service.key_a))
     assert response.status_code == 200, response.text

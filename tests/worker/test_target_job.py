@@ -51,6 +51,9 @@ def test_a_target_job_returns_the_chosen_model_its_trials_and_a_checkpoint_that_
     assert result["heldout_top1"] == target["heldout"]["quant_top1"]
     assert result["top1_drop"] <= 0.1 + 1e-9 and result["model_bytes"] == target["chosen"]["size_bytes"]
     assert result["quant_top1"] == report["quant"]["top1"]
+    (row,) = [r for r in service.client.get("/v1/results", headers=auth(service.key_a)).json()["data"]
+              if r["job_id"] == job_id]
+    assert row["bits_label"] == report["bits_label"] and row["per_unit_bits"] == report["per_unit_bits"]
     html = _download(service, job_id, "report.html", tmp_path).read_text()
     assert "Accuracy target: met" in html and "Model size vs top-1" in html
     assert html.count("<tr><td>") >= 3 + len(target["trials"]) and "chosen" in html
