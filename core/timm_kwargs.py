@@ -62,9 +62,8 @@ def matches(value: Any, annotation: Any) -> bool | None:
             return False
         # Element types only, not the length: timm annotates some per-stage lists as pairs
         # (Swin's window_size is Tuple[int, int] but takes one value per stage).
-        element_types = [a for a in args if a is not Ellipsis]
-        verdicts = [matches(v, a) for v in value for a in element_types[:1]]
-        return False if any(v is False for v in verdicts) else True
+        element = next((a for a in args if a is not Ellipsis), Any)
+        return not any(matches(v, element) is False for v in value)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:

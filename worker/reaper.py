@@ -31,7 +31,7 @@ def reap_stale_jobs(
     stale = now - timedelta(seconds=settings.stale_after_s)
     requeued: list[str] = []
     failed: list[str] = []
-    with_webhook: set[str] = set()
+    ended_with_webhook: list[str] = []
     with session_scope(settings.resolved_database_url) as session:
         candidates = session.execute(
             select(Job.id, Job.attempts, Job.cancel_requested, Job.started_at, Job.webhook_url).where(
@@ -55,12 +55,12 @@ def reap_stale_jobs(
                 ):
                     failed.append(job_id)
                     if webhook_url:
-                        with_webhook.add(job_id)
+                        ended_with_webhook.append(job_id)
             elif lifecycle.requeue(session, job_id=job_id, attempt=attempts, stale_before=stale):
                 requeued.append(job_id)
     _send_all(enqueue, requeued, "run task")
     if notify is not None:
-        _send_all(notify, [job_id for job_id in failed if job_id in with_webhook], "webhook")
+        _send_all(notify, ended_with_webhook, "webhook")
     if requeued or failed:
         log.warning("reaper: re-queued %s, ended %s", requeued, failed)
     return {"requeued": requeued, "ended": failed}
@@ -73,7 +73,7 @@ def _send_all(send: Callable[[str], None], job_ids: list[str], what: str) -> Non
         try:
             send(job_id)
         except Exception:
-            log.exception("could not send the %s of %s; see above", what, job_id)
+            log.exception("could not send the %s of %s", what, job_id)
 
 
 def _ending(

@@ -143,6 +143,7 @@ def test_stage2_leaves_a_swins_logits_unchanged_with_quantizers_on_float64(facto
 
 
 def test_a_padded_swins_checkpoint_keeps_its_pad_values_and_an_older_one_without_them_still_loads(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from core import load, quantize, save
@@ -160,8 +161,6 @@ def test_a_padded_swins_checkpoint_keeps_its_pad_values_and_an_older_one_without
         assert torch.equal(loaded(x[:4]), q.model.eval()(x[:4]))
     # a checkpoint from before pad values existed: zero padding, as it was made
     tensors = load_file(str(tmp_path / "checkpoint.safetensors"))
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
         metadata = f.metadata()
     save_file({k: v for k, v in tensors.items() if k not in pads}, str(tmp_path / "old.safetensors"), metadata)
