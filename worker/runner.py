@@ -62,6 +62,20 @@ def claim(settings: Settings, job_id: str, me: str) -> Lease | None:
         )
 
 
+def _raised_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` is ``kind`` or was raised from one. Celery's soft time limit is a signal raised
+    wherever the job happens to be: landing inside a SQL statement (a progress write), SQLAlchemy
+    re-raises it as a ``StatementError`` from it, and the job must still end as ``timeout``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _finish(settings: Settings, transition: Callable[..., bool], lease: Lease, **kwargs: Any) -> bool:
     """Run one lifecycle transition with the worker's lease in its own transaction."""
     with session_scope(settings.resolved_database_url) as session:
@@ -320,7 +334,7 @@ def run_job(
                 won = _finish(settings, lifecycle.fail, lease, code=exc.code, message=exc.message)
                 return JobStatus.FAILED.value if won else None
             except Exception as exc:
-                if soft_timeout is not None and isinstance(exc, soft_timeout):
+                if soft_timeout is not None and _raised_by(exc, soft_timeout):
                     won = _finish(settings, lifecycle.timeout, lease, limit_s=settings.job_soft_time_limit_s)
                     return JobStatus.FAILED.value if won else None
                 if isinstance(exc, StorageError) or (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):

@@ -89,3 +89,27 @@ def test_progress_is_throttled_and_has_percent_and_eta(service, monkeypatch):
             select(JobEvent.message).where(JobEvent.job_id == job_id, JobEvent.kind == "stage").order_by(JobEvent.id)
         ).all()
     assert stages == ["stage1", "stage2"]  # one write per stage change; the rest throttled
+
+
+class _SoftTimeLimit(Exception):
+    """Stands in for Celery's SoftTimeLimitExceeded (a signal raised wherever the job is)."""
+
+
+def test_a_soft_time_limit_landing_inside_a_progress_write_still_ends_the_job_as_timeout(service, monkeypatch):
+    """Seen in a clean-clone run: the signal arrived while SQLAlchemy bound a progress UPDATE's parameters,
+    SQLAlchemy re-raised it as a StatementError, and the job ended ``internal_error``."""
+    from sqlalchemy.exc import StatementError
+
+    from worker import runner
+
+    def quantization_interrupted_mid_statement(*args, **kwargs):
+        try:
+            raise _SoftTimeLimit()
+        except _SoftTimeLimit as signal:
+            raise StatementError("bind failed", "UPDATE jobs SET progress=?", {}, signal) from signal
+
+    monkeypatch.setattr(runner, "run_quantization", quantization_interrupted_mid_statement)
+    job_id = submit_job(service)
+    assert runner.run_job(service.settings, job_id, soft_timeout=_SoftTimeLimit) == "failed"
+    error = read_job(service, job_id)["error"]
+    assert error["code"] == "timeout" and "time limit" in error["message"], error
