@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, echo, not_found
@@ -27,6 +27,29 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     if job is None:
         raise not_found("job", job_id)
     return job
+
+
+def reread_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """The row as it is now in the database (``session.refresh`` raised "Could not refresh instance", a
+    500, when a concurrent DELETE had removed it): 404 when it is gone."""
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).execution_options(populate_existing=True)
+    )
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def lock_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Lock the job row for the caller's transaction with a no-op UPDATE (a row lock on PostgreSQL, the
+    write lock on SQLite) and read it again: a second DELETE waits for the first, then finds no row (404)."""
+    locked = session.execute(
+        update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id).values(updated_at=Job.updated_at)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not locked:
+        raise not_found("job", job_id)
+    return reread_job(session, tenant_id=tenant_id, job_id=job_id)
 
 
 def job_public(session: Session, job: Job) -> JobPublic:

@@ -5,8 +5,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails
+
+from core.errors import ModelSpecError
+from core.timm_kwargs import check_json_shape
 
 Bits = Annotated[StrictInt, Field(ge=2, le=8, description="Bit width, 2 to 8.")]
 DATA_REF_DOC = "`fashion-mnist:train[:N]`, `fashion-mnist:test[:N]`, or an uploaded dataset id (`ds_…`)."
@@ -17,6 +31,20 @@ class TimmModelRef(BaseModel):
 
     timm_name: str = Field(min_length=1, max_length=200, description="Any timm ViT, DeiT or Swin name.")
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for timm.")
+
+    @field_validator("timm_kwargs", mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        """Depth, item count and finite numbers (``core.timm_kwargs.check_json_shape``) before anything
+        reads the value: nested hundreds of levels deep it broke the request hash (500). The sizes are
+        checked where every spec is made (``core.models.make_spec``: 422 ``invalid_model``)."""
+        if not isinstance(value, dict):
+            return value  # pydantic's own "should be a valid dictionary"
+        try:
+            check_json_shape(value)
+        except ModelSpecError as exc:
+            raise ValueError(exc.message) from None
+        return value
 
 
 class JobOptions(BaseModel):
@@ -51,10 +79,20 @@ class TargetCreate(BaseModel):
     mixed: StrictBool | None = Field(None, description="Try per-unit mixed precision (default true).")
 
 
+def _model_ref_kind(value: Any) -> str:
+    """An object is a ``TimmModelRef``, anything else a model id: a wrong ``timm_kwargs`` is then reported
+    for that branch alone, not beside "model: Input should be a valid string"."""
+    return "timm" if isinstance(value, dict | TimmModelRef) else "id"
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Annotated[str, Field(min_length=1, max_length=200)] | TimmModelRef = Field(
+    model: Annotated[
+        Annotated[Annotated[str, Field(min_length=1, max_length=200)], Tag("id")]
+        | Annotated[TimmModelRef, Tag("timm")],
+        Discriminator(_model_ref_kind),
+    ] = Field(
         description="A built-in model id (`fmnist-vit-tiny`), an uploaded model id (`mdl_…`), "
         "or `{timm_name, timm_kwargs}`."
     )

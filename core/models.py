@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.errors import CheckpointError, ModelSpecError
-from core.timm_kwargs import check_kwarg_types
+from core.timm_kwargs import check_kwarg_bounds, check_kwarg_types
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
 SUPPORTED_FAMILIES = ("vit_", "deit_", "deit3_", "swin_")
@@ -126,8 +126,7 @@ def make_spec(data: dict[str, Any], base_dir: Path | None = None, spec_id: str |
             "(vit_*, deit_*, deit3_*, swin_*)"
         )
     kwargs = data.get("timm_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise ModelSpecError("timm_kwargs must be an object")
+    check_kwarg_bounds(kwargs)  # shape, finiteness and sizes, before anything is sized from them
     forbidden = sorted(FORBIDDEN_KWARGS & set(kwargs))
     if forbidden:
         raise ModelSpecError(f"timm_kwargs may not set {', '.join(forbidden)}; give weights as 'checkpoint'")

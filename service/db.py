@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Select, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
+T = TypeVar("T", bound=tuple)
 
 
 def get_engine(url: str) -> Engine:
@@ -66,6 +68,30 @@ def postgres_socket_limits(connect_timeout_s: int) -> dict[str, int]:
         "keepalives_count": 3,
         "tcp_user_timeout": 30_000,
     }
+
+
+def hold_write_lock(session: Session) -> None:
+    """On SQLite, take the database's write lock now, for the rest of the caller's transaction.
+
+    Why: ``SELECT … FOR UPDATE`` / ``FOR SHARE`` is a row lock on PostgreSQL and compiles to a plain
+    SELECT on SQLite, where the driver opens a (deferred) transaction only at the first INSERT, UPDATE or
+    DELETE. A check-then-insert (a quota count, "is this dataset in use?") therefore read outside any
+    lock there: eight concurrent submits against ``max_active_jobs = 3`` all got 202. ``BEGIN IMMEDIATE``
+    makes the check and its write one serial transaction (writers wait ``busy_timeout`` for it; WAL
+    readers are not blocked). A transaction already open has written, so it holds the lock already.
+    No-op on PostgreSQL, where the caller's row lock does the job."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    if not connection.connection.dbapi_connection.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def for_update(session: Session, statement: Select[T], *, read: bool = False) -> Select[T]:
+    """``statement`` with ``FOR UPDATE`` (``FOR SHARE`` when ``read``) that holds on both databases: a
+    row lock on PostgreSQL, the write lock (:func:`hold_write_lock`) on SQLite, taken before it runs."""
+    hold_write_lock(session)
+    return statement.with_for_update(read=read)
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

@@ -20,6 +20,7 @@ from core import DatasetError, ModelSpecError, QuantConfig, list_builtin_models,
 from core.data import FASHION_MNIST_SPEC
 from core.models import MAX_PARAMETERS, check_parameter_count, model_num_classes
 from service.archives import Limits, materialize_dataset
+from service.db import for_update
 from service.storage import ArtifactStore
 from service.tables import Dataset, Model
 
@@ -67,9 +68,10 @@ def resolve_model(
     if ref in builtin_ids():
         stored = {"kind": "builtin", "id": ref}
         return ResolvedModel(ref, stored, spec_from_stored(stored, store, cache_dir))
-    # FOR SHARE until the job row commits: a concurrent DELETE of the model waits, then sees the job (409).
+    # FOR SHARE (SQLite: the write lock) until the job row commits: a concurrent DELETE of the model
+    # waits, then sees the job (409).
     row = session.scalar(
-        select(Model).where(Model.id == ref, Model.tenant_id == tenant_id).with_for_update(read=True)
+        for_update(session, select(Model).where(Model.id == ref, Model.tenant_id == tenant_id), read=True)
     )
     if row is None:
         raise ModelSpecError(
@@ -143,9 +145,10 @@ def describe_data(session: Session, *, tenant_id: str, ref: str, role: str) -> d
         return dict(FMNIST_INFO, n=int(count) if count else FMNIST_SIZES[split])
     if ref.startswith("fashion-mnist"):
         raise DatasetError(f"{role}: {ref!r} is not fashion-mnist:train[:N] or fashion-mnist:test[:N]")
-    # FOR SHARE until the job row commits: a concurrent DELETE of the dataset waits, then sees the job (409).
+    # FOR SHARE (SQLite: the write lock) until the job row commits: a concurrent DELETE of the dataset
+    # waits, then sees the job (409).
     row = session.scalar(
-        select(Dataset).where(Dataset.id == ref, Dataset.tenant_id == tenant_id).with_for_update(read=True)
+        for_update(session, select(Dataset).where(Dataset.id == ref, Dataset.tenant_id == tenant_id), read=True)
     )
     if row is None:
         raise DatasetError(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.db import for_update
 from service.settings import Settings
 from service.tables import FINISHED_STATUSES, Dataset, Job, Model, Tenant
 
@@ -67,9 +68,10 @@ def storage_bytes(session: Session, tenant_id: str) -> int:
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialise this tenant's quota checks until the caller commits (a row lock on PostgreSQL; SQLite
-    serialises writers anyway), so two API processes cannot both take the last slot."""
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    """Serialise this tenant's quota checks until the caller commits (a row lock on PostgreSQL, the
+    database write lock on SQLite: ``service.db.for_update``), so two requests, in one API process or
+    several, cannot both take the last slot."""
+    session.execute(for_update(session, select(Tenant.id).where(Tenant.id == tenant_id)))
 
 
 def check_active_jobs(session: Session, settings: Settings, tenant: Tenant) -> None:

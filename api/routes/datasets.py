@@ -15,6 +15,7 @@ from api.uploads import safe_filename, save_upload, scratch_dir
 from core import DatasetError
 from service import blob_gc
 from service.archives import ArchiveError, Limits, validate_upload
+from service.db import for_update as locked
 from service.quotas import QuotaExceeded, check_storage
 from service.storage import store_then_record
 from service.tables import Dataset, new_id
@@ -28,7 +29,7 @@ def _public(row: Dataset) -> DatasetPublic:
 
 def _get(session: SessionDep, tenant_id: str, dataset_id: str, *, for_update: bool = False) -> Dataset:
     query = select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
-    row = session.scalar(query.with_for_update() if for_update else query)
+    row = session.scalar(locked(session, query) if for_update else query)
     if row is None:
         raise not_found("dataset", dataset_id)
     return row

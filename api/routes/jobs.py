@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
-from api.jobs_view import check_cursor, get_job, job_public
+from api.jobs_view import check_cursor, get_job, job_public, lock_job, reread_job
 from api.request_body import StrictRoute
 from api.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from core import QuantConfig
@@ -176,9 +176,11 @@ def read_job(job_id: str, response: Response, session: SessionDep, tenant: Tenan
 def cancel_job(
     job_id: str, response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> JobPublic:
+    """409 when the job already finished; 404 when it is gone, also when a DELETE of it won the race
+    (its row vanished between the read and the update, or right after the cancel)."""
     job = get_job(session, tenant_id=tenant.id, job_id=job_id)
     cancelled_queued = False
-    for _ in range(CANCEL_TRIES):  # the row may move (claimed, re-queued) between the read and the update
+    for _ in range(CANCEL_TRIES):  # the row may move (claimed, re-queued, deleted) between the read and the update
         if job.status == JobStatus.QUEUED.value:
             cancelled_queued = lifecycle.cancel_queued(session, job_id=job.id, attempt=job.attempts)
             if cancelled_queued:
@@ -189,13 +191,13 @@ def cancel_job(
         else:
             break
         session.rollback()
-        session.refresh(job)
+        job = reread_job(session, tenant_id=tenant.id, job_id=job_id)
     else:
         raise ApiError(409, "job_busy", f"job {job.id} changed while it was being cancelled; try again")
     if JobStatus(job.status).finished and not cancelled_queued:
         raise ApiError(409, "job_finished", f"job {job.id} already finished ({job.status})")
     session.commit()
-    session.refresh(job)
+    job = reread_job(session, tenant_id=tenant.id, job_id=job_id)
     if cancelled_queued and job.webhook_url:
         try:
             send_webhook(settings, job.id)
@@ -218,7 +220,8 @@ def delete_job(job_id: str, session: SessionDep, store: StoreDep, tenant: Tenant
     """A queued job is cancelled, a running one asked to stop (its worker finds the row gone at its next
     heartbeat and drops the work); then the row, its events, report and artifact rows go, and each blob
     no other row names (any tenant's) is removed from the store."""
-    job = get_job(session, tenant_id=tenant.id, job_id=job_id)
+    get_job(session, tenant_id=tenant.id, job_id=job_id)
+    job = lock_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 for the loser of two DELETEs
     if job.status == JobStatus.QUEUED.value:
         lifecycle.cancel_queued(session, job_id=job.id, attempt=job.attempts)
     elif job.status == JobStatus.RUNNING.value:

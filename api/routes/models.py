@@ -24,7 +24,9 @@ from core.models import (
     unwrap_state_dict,
     write_safetensors,
 )
+from core.timm_kwargs import check_json_shape
 from service import blob_gc
+from service.db import for_update
 from service.job_inputs import refuse_pretrained
 from service.storage import store_then_record
 from service.tables import Model, new_id
@@ -70,8 +72,14 @@ def _json_object(value: str | None, field: str) -> dict[str, Any] | None:
         parsed = loads_strict(value)
     except json.JSONDecodeError as exc:
         raise ApiError(422, "invalid_request", f"{field} is not valid JSON: {exc.msg}") from None
+    except RecursionError:  # the parser recurses per level; the form field's length allows thousands
+        raise ApiError(422, "invalid_request", f"{field} is nested too deeply") from None
     if not isinstance(parsed, dict):
         raise ApiError(422, "invalid_request", f"{field} must be a JSON object")
+    try:
+        check_json_shape(parsed, field)
+    except ModelSpecError as exc:
+        raise ApiError(422, "invalid_request", exc.message) from None
     return parsed
 
 
@@ -198,9 +206,7 @@ def delete_model(model_id: str, session: SessionDep, store: StoreDep, tenant: Te
     if any(m["id"] == model_id for m in list_builtin_models()):
         raise ApiError(409, "builtin_model", f"{model_id!r} is a built-in model and cannot be deleted")
     # FOR UPDATE before the in-use check: a submit that read the row (FOR SHARE) commits its job first.
-    row = session.scalar(
-        select(Model).where(Model.id == model_id, Model.tenant_id == tenant.id).with_for_update()
-    )
+    row = session.scalar(for_update(session, select(Model).where(Model.id == model_id, Model.tenant_id == tenant.id)))
     if row is None:
         raise not_found("model", model_id)
     in_use = blob_gc.active_jobs_using(session, tenant_id=tenant.id, model_id=row.id)
