@@ -24,7 +24,7 @@ from vitq.cli import main as cli_main
 CASES = [
     # kind, w_bits, a_bits, method, extra config
     ("vit", 4, 4, "isvit", {}),  # SULQ, uint4 weights, fake-quant subgraph
-    ("vit", 8, 8, "isvit", {}),  # QDQ pairs, uint8 weights
+    ("vit", 8, 8, "isvit", {}),  # QDQ pairs, int8 weights (codes - 128)
     ("vit", 3, 3, "repq", {}),  # log-sqrt2
     ("vit", 2, 2, "ptq-uniform", {}),  # uniform post-Softmax, 2-bit codes
     ("vit", 6, 6, "isvit", {"softmax_quantizer": "log2"}),
@@ -119,6 +119,7 @@ def _quantizer_cases():
         ("sulq-5-real-exponent", _calibrated(SULQ(5, integer_exponent=False), soft), "log"),
         ("log2-3", _calibrated(Log2Quantizer(3), soft), "log"),
         ("logsqrt2-4", _calibrated(LogSqrt2Quantizer(4), soft), "log"),
+        ("logsqrt2-8", _calibrated(LogSqrt2Quantizer(8), soft), "log"),  # codes by QuantizeLinear
     ]
 
 
@@ -163,7 +164,8 @@ def test_weights_are_integer_initializers_feeding_dequantize_linear(exported):
     inits = {t.name: t for t in proto.graph.initializer}
     weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert len(weight_dq) == len(list(weight_layers(model)))
-    expected = TensorProto.UINT4 if config.w_bits <= 4 else TensorProto.UINT8
+    # 5-8 bits: int8, the codes shifted by -128 (MLAS's fast u8 x s8 GEMM); 4 and below: packed uint4
+    expected = TensorProto.UINT4 if config.w_bits <= 4 else TensorProto.INT8
     kinds = Counter(inits[n.input[0]].data_type for n in weight_dq)
     # a channel whose range misses 0 has a zero point outside the code range: int8/int16 hold it
     assert kinds[expected] >= len(weight_dq) - 1, kinds
@@ -260,7 +262,7 @@ def test_cli_refuses_an_onnx_file_without_vitq_metadata(tmp_path, capsys):
     assert "not a readable ONNX file" in capsys.readouterr().err
 
 
-TINY_SPEC = {"timm_name": "vit_tiny_patch16_224",
+TINY_SPEC = {"timm_name": "vit_tiny_patch16_224", "weights": "random",
              "timm_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 1},
              "preprocess": {"mean": [0.286], "std": [0.353]}}
 TINY_CONFIG = QuantConfig(w_bits=4, a_bits=4, method="ptq-uniform", preset="smoke", calib_size=16)
