@@ -1,24 +1,37 @@
-"""``vitq``: quantize, evaluate and benchmark from the shell; service verbs when the service is installed.
+"""``vitq``: quantize, evaluate and benchmark from the shell (the engine verbs, here), jobs, datasets and
+models through the REST API (``vitq.client_cli``), and the operator verbs under ``vitq admin``
+(``vitq.server_cli``).
 
-Errors the user can fix print one line and exit with status 2; nothing prints a traceback for
-bad input.
+Every failure a user can act on prints one line, ``vitq: error: …``, and exits with a documented status
+(``vitq.cli_errors.ExitCode``: 1 failed job, 2 usage or refused request, 3 timeout, 4 unreachable API,
+5 auth, 130 interrupted); only a bug prints a traceback. Nothing is imported at start-up that the verb
+does not need: ``vitq --help`` and the client verbs never import torch, timm or onnx.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from core.errors import VitqError
-from vitq.cli_args import add_bits_or_target_arguments, int_list, str_list, target_fields
+from vitq.cli_args import (
+    METHODS,
+    PRESETS,
+    SOFTMAX_QUANTIZERS,
+    add_bits_or_target_arguments,
+    add_output_arguments,
+    int_list,
+    str_list,
+    target_fields,
+)
+from vitq.cli_errors import describe, did_you_mean
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="auto", choices=["auto", "paper", "quick", "smoke"],
+    p.add_argument("--preset", default="auto", choices=PRESETS,
                    help="auto (default): paper on an accelerator, quick on a CPU")
     p.add_argument("--iters", type=int, help="reconstruction iterations per unit per stage (overrides preset)")
     p.add_argument("--calib-size", type=int, help="calibration images used (overrides preset)")
@@ -84,27 +97,40 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     out = Path(args.out)
+    from worker.report_html import render_report_html
+
+    (out / "report.html").write_text(render_report_html(report), encoding="utf-8")
+    _print_quantize_summary(args, report, out)
+    return 0
+
+
+def _print_quantize_summary(args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:
+    from vitq.summaries import pct, points
+
     print(f"model      {args.model} ({report['model']['timm_name']})")
     bits = report.get("bits_label") or f"W{report['w_bits']}A{report['a_bits']}"
+    calib = report["calibration"]
     print(f"config     {report['method']} {bits}, preset {report['preset']}, "
-          f"iters {report['config']['iters']}, calibration {report['calibration']['n']} images")
+          f"iters {report['config']['iters']}, calibration {calib['n']} images"
+          + (f" of {calib['population']}" if calib.get("population", calib["n"]) > calib["n"] else ""))
     if report.get("target"):
         _print_target(report)
     if report["fp"] is not None:
         q = report["quant"]
-        print(f"FP top-1   {100 * report['fp']['top1']:.2f}  (n={report['fp']['n']})")
-        print(f"quant top-1 {100 * q['top1']:.2f}  agreement with FP {100 * q['agreement']:.2f}  "
-              f"logit SQNR {q['logit_sqnr_db']:.2f} dB")
+        print(f"top-1      FP {pct(report['fp']['top1'])} -> quantized {pct(q['top1'])} "
+              f"({points(report['fp']['top1'] - q['top1'])}, n={report['fp']['n']})")
+        print(f"agreement  {pct(q['agreement'])} of predictions equal FP's, logit SQNR {q['logit_sqnr_db']:.2f} dB")
+    if (report.get("baseline_check") or {}).get("kept") == "baseline":
+        print("kept       RepQ-ViT's model: the I&S-ViT reconstruction was not better on held-out calibration images")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
     print(f"time       {stages}")
-    print(f"wrote      {out / 'checkpoint.safetensors'} and {out / 'report.json'}")
+    print(f"wrote      {out / 'checkpoint.safetensors'}, {out / 'report.json'}, {out / 'report.html'}")
     onnx = report.get("exports", {}).get("onnx", {})
     if onnx.get("file"):
         print(f"           {out / onnx['file']} ({onnx['bytes']} bytes; FP32 parameters "
               f"{report['sizes']['fp32_parameters_bytes']} bytes)")
     elif onnx.get("error"):
         print(f"no ONNX    {onnx['error']}")
-    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -113,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     target = args.target
     if target.endswith(".onnx") and Path(target).is_file():
-        return _evaluate_onnx(target, args.data)
+        return _evaluate_onnx(args, target, args.data)
     if target.endswith(".safetensors") and Path(target).is_file():
         header = read_checkpoint_metadata(target)
         spec = make_spec({**header["model"], "checkpoint": None})
@@ -122,11 +148,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         spec = resolve_model_spec(target)
         model = build_model(spec)
     dataset = load_dataset(args.data, spec.preprocess)
-    print(json.dumps(evaluate(model, dataset, device=args.device)))
+    _print_metrics(args, evaluate(model, dataset, device=args.device))
     return 0
 
 
-def _evaluate_onnx(target: str, data: str) -> int:
+def _print_metrics(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
+    """JSON with fractions for scripts (``--json``, or stdout not a terminal); percentages for people."""
+    from vitq.summaries import metrics_line, wants_json
+
+    print(json.dumps(metrics) if wants_json(args) else metrics_line(metrics))
+
+
+def _evaluate_onnx(args: argparse.Namespace, target: str, data: str) -> int:
     """A vitq ONNX file in ONNX Runtime (CPU), with the preprocessing its metadata records."""
     from core import load_dataset
     from core.export import ExportError, evaluate_onnx, read_onnx_metadata
@@ -136,7 +169,7 @@ def _evaluate_onnx(target: str, data: str) -> int:
     if not isinstance(meta.get("model"), dict):
         raise ExportError(f"{Path(target).name} has no vitq model metadata (was it written by vitq export?)")
     spec = make_spec({**meta["model"], "checkpoint": None})
-    print(json.dumps(evaluate_onnx(target, load_dataset(data, spec.preprocess))))
+    _print_metrics(args, evaluate_onnx(target, load_dataset(data, spec.preprocess)))
     return 0
 
 
@@ -185,20 +218,75 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return _run_bench(args, ablation_rows(args.bits, args.arms))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitq", description="I&S-ViT post-training quantization for ViTs")
-    sub = parser.add_subparsers(dest="command", required=True)
+OPERATOR_VERBS = ("api", "worker", "webhooks", "migrate", "keys", "tenants")
+"""Verbs that run the service or touch its database directly: ``vitq admin VERB``. Their old top-level
+spellings (``vitq keys …``) still work, listed as deprecated in ``vitq --help``."""
 
-    q = sub.add_parser("quantize", help="quantize a model; write checkpoint.safetensors and report.json")
+EPILOG = """The old spellings vitq api|worker|webhooks|migrate|keys|tenants still work (= vitq admin ...).
+Output: a summary on a terminal, JSON with --json or when stdout is a pipe or file.
+Exit status: 0 ok, 1 job failed or cancelled, 2 usage or refused request, 3 --timeout passed,
+4 API unreachable, 5 no or refused API key, 130 interrupted (docs/cli.md)."""
+
+
+class VitqParser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped verb or choice."""
+
+    def error(self, message: str) -> Any:  # noqa: ANN401 - argparse's signature (NoReturn)
+        match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if match:
+            choices = re.findall(r"'([^']*)'", match.group(2))
+            message += did_you_mean(match.group(1), choices)
+        super().error(message)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"vitq {version('vitq')}"
+    except PackageNotFoundError:
+        return "vitq (not installed as a package)"
+
+
+class _Subset:
+    """The subparsers action ``add_server_commands`` sees when only some of its verbs should land here:
+    ``vitq serve`` as a user verb, and the operator verbs' old top-level spellings (``deprecated``: listed
+    as such, pointing at ``vitq admin``). The other verbs go to a throwaway parser."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction, names: tuple[str, ...], *, deprecated: bool) -> None:
+        self._subparsers = subparsers
+        self._names = names
+        self._deprecated = deprecated
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if name not in self._names:
+            return argparse.ArgumentParser(add_help=False)
+        if not self._deprecated:
+            return self._subparsers.add_parser(name, **kwargs)
+        kwargs["help"] = f"deprecated: vitq admin {name}"
+        parser = self._subparsers.add_parser(name, **kwargs)
+        parser.set_defaults(deprecated_spelling=name)
+        return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = VitqParser(prog="vitq", description="I&S-ViT post-training quantization for ViTs, as a library, "
+                        "a service and this command line", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+
+    q = sub.add_parser("quantize", help="quantize a model; write checkpoint.safetensors, report.json, report.html")
     q.add_argument("--model", required=True, help="built-in id, model-spec JSON file, or timm name")
     add_bits_or_target_arguments(q, eval_flag="--eval")
-    q.add_argument("--method", default="isvit", choices=["isvit", "repq", "ptq-uniform"])
-    q.add_argument("--calib", required=True, help="calibration data: fashion-mnist:train[:N], .npz, dir or archive")
-    q.add_argument("--eval", help="evaluation data (labelled)")
+    q.add_argument("--method", default="isvit", choices=METHODS)
+    q.add_argument("--calib", "--calibration", dest="calib", required=True,
+                   help="calibration data: fashion-mnist:train[:N], .npz, dir or archive")
+    q.add_argument("--eval", "--evaluation", "--data", dest="eval", help="evaluation data (labelled)")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--batch-size", type=int)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--softmax-quantizer", choices=["sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform"],
+    q.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS,
                    help="post-Softmax quantizer (isvit default: sulq-or-logsqrt2, chosen per layer)")
     q.add_argument("--no-sos", action="store_true", help="ablation: one reconstruction stage instead of three")
     q.add_argument("--real-exponent", action="store_true", help="ablation: SULQ without integer exponents")
@@ -209,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="top-1/top-5 of a vitq checkpoint, ONNX file or float model spec")
     e.add_argument("target", help="checkpoint.safetensors, model.onnx (run in ONNX Runtime on the CPU), "
                                   "or a model spec (built-in id, JSON file, timm name)")
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", "--eval", "--evaluation", dest="data", required=True, help="labelled data")
     e.add_argument("--device")
+    add_output_arguments(e)
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="a vitq checkpoint as a deployable file (ONNX with QDQ and 4-bit weights)")
@@ -224,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         b = sub.add_parser(name, help=help_text)
         b.add_argument("--model", required=True)
         b.add_argument("--calib", required=True)
-        b.add_argument("--eval", required=True)
+        b.add_argument("--eval", "--data", dest="eval", required=True)
         b.add_argument("--json", help="write the results as JSON here")
         b.add_argument("--quiet", action="store_true")
         b.add_argument("--seeds", type=int, default=1,
@@ -232,32 +321,56 @@ def build_parser() -> argparse.ArgumentParser:
         _add_quant_options(b)
         if name == "bench":
             b.add_argument("--bits", type=int_list, default=[3, 4, 6])
-            b.add_argument("--methods", type=str_list, default=["isvit", "repq", "ptq-uniform"])
+            b.add_argument("--methods", type=str_list, default=METHODS)
         else:
             b.add_argument("--bits", type=int, default=3)
             b.add_argument("--arms", type=str_list, help="comma-separated subset of: sulq-or-logsqrt2, sulq, log2, "
                                                           "logsqrt2, uniform, sulq-sos-off (default: all)")
         b.set_defaults(func=func)
 
-    if importlib.util.find_spec("vitq.server_cli") is not None:
-        from vitq.client_cli import add_client_commands
-        from vitq.server_cli import add_server_commands
+    from vitq.client_cli import add_client_commands
+    from vitq.models_cli import register_model_cache_commands
+    from vitq.server_cli import add_server_commands
 
-        add_server_commands(sub)
-        add_client_commands(sub)
+    register_model_cache_commands(add_client_commands(sub)["models"])  # vitq models pull/import/cache
+    add_server_commands(_Subset(sub, ("serve",), deprecated=False))  # the embedded service is a user verb too
+    admin = sub.add_parser("admin", help="operator verbs: serve, api, worker, webhooks, migrate, keys, tenants")
+    add_server_commands(admin.add_subparsers(dest="admin_command", required=True, metavar="VERB"))
+    add_server_commands(_Subset(sub, OPERATOR_VERBS, deprecated=True))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run the chosen verb; turn every failure a user can act on into one line and its exit status."""
+    if getattr(args, "deprecated_spelling", None) and sys.stderr.isatty():
+        print(f"vitq: note: `vitq {args.deprecated_spelling}` is now `vitq admin {args.deprecated_spelling}` "
+              "(the old spelling keeps working)", file=sys.stderr)
     try:
-        return args.func(args)
-    except VitqError as exc:
-        print(f"vitq: error: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vitq: interrupted", file=sys.stderr)
-        return 130
+        return int(args.func(args) or 0)
+    except (Exception, KeyboardInterrupt) as exc:
+        explained = describe(exc, url=_url(args), key_given=_key_given(args))
+        if explained is None:
+            raise
+        message, code = explained
+        print(f"vitq: error: {message}", file=sys.stderr)
+        return int(code)
+
+
+def _url(args: argparse.Namespace) -> str | None:
+    import os
+
+    return getattr(args, "url", None) or os.environ.get("VITQ_URL")
+
+
+def _key_given(args: argparse.Namespace) -> bool:
+    if getattr(args, "api_key", None):
+        return True
+    client = sys.modules.get("vitq.client")
+    return client is not None and client.default_api_key() is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_parsed(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

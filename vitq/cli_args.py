@@ -6,6 +6,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+METHODS = ["isvit", "repq", "ptq-uniform"]
+"""``core.config.Method``'s values, written out so that the CLI's parser needs no torch import
+(tests/vitq/test_cli_args.py keeps the two equal)."""
+PRESETS = ["auto", "paper", "quick", "smoke"]
+"""``core.config.Preset``'s values (kept equal by the same test)."""
+SOFTMAX_QUANTIZERS = ["sulq-or-logsqrt2", "sulq", "log2", "logsqrt2", "uniform"]
+"""``core.config.SoftmaxQuantizer``'s values (kept equal by the same test)."""
+
 
 def int_list(text: str) -> list[int]:
     """``"3,4,6"`` → ``[3, 4, 6]``."""
@@ -52,3 +60,11 @@ def target_fields(args: argparse.Namespace) -> dict[str, Any]:
         "decision_fraction": args.decision_fraction,
         "mixed": False if args.no_mixed else None,
     })
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json`` / ``--human``: JSON for scripts, a summary for people. Neither given: the summary on a
+    terminal, JSON when stdout is a pipe or a file (``vitq.summaries.wants_json``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="print JSON (the default when stdout is not a terminal)")
+    group.add_argument("--human", action="store_true", help="print the summary even when stdout is not a terminal")

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -28,11 +28,57 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 class VitqApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    """The API's ``{"error": {code, message}}`` answer, with its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, *, key_sent: bool | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.key_sent = key_sent
+        """Whether the request carried an API key (so a 401 means a refused key, not a missing one)."""
+
+
+class JobWaitTimeout(TimeoutError):
+    """``wait(timeout=…)`` ran out; ``job`` is the last state seen (the job itself keeps running)."""
+
+    def __init__(self, job: dict[str, Any], timeout: float) -> None:
+        super().__init__(f"job {job['id']} still {job['status']} after {timeout} s")
+        self.job = job
+        self.timeout = timeout
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 the API records for an upload, computed locally to skip sending bytes it already has."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _ReadCounter:
+    """A file whose reads report how many bytes went out: httpx streams multipart files by ``read``,
+    so this is where an upload's progress is."""
+
+    def __init__(self, file: IO[bytes], on_bytes: Callable[[int], None]) -> None:
+        self._file = file
+        self._on_bytes = on_bytes
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._file.read(size)
+        if chunk:
+            self._on_bytes(len(chunk))
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
 
 
 def default_api_key() -> str | None:
@@ -70,7 +116,7 @@ class Client:
                 code, message = error["code"], error["message"]
             except (ValueError, KeyError, TypeError):
                 code, message = "http_error", response.text[:500]
-            raise VitqApiError(response.status_code, code, message)
+            raise VitqApiError(response.status_code, code, message, key_sent=self.api_key is not None)
         return response
 
     # jobs
@@ -100,6 +146,10 @@ class Client:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def job_events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's event log, oldest first: submitted, started, requeued, cancel requested, finished."""
+        return self._request("GET", f"/v1/jobs/{job_id}/events").json()["data"]
+
     def delete_job(self, job_id: str) -> None:
         """Cancel the job if it is unfinished and remove it and its artifacts."""
         self._request("DELETE", f"/v1/jobs/{job_id}")
@@ -120,7 +170,7 @@ class Client:
             if job["status"] in FINISHED:
                 return job
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+                raise JobWaitTimeout(job, timeout)
             time.sleep(poll)
 
     # artifacts
@@ -128,9 +178,11 @@ class Client:
         return self._request("GET", f"/v1/jobs/{job_id}/artifacts").json()["data"]
 
     def download_artifact(self, job_id: str, name: str, dest: str | Path) -> Path:
-        """Stream an artifact to ``dest`` (a file or directory) and check its sha256 against the ETag."""
+        """Stream an artifact to ``dest`` and check its sha256 against the ETag. ``dest`` is a directory
+        (the file keeps its name there) when it is one or ends with a path separator, else the file."""
+        is_dir = str(dest).endswith(("/", os.sep)) or Path(dest).is_dir()
         dest = Path(dest)
-        target = dest / name if dest.is_dir() else dest
+        target = dest / name if is_dir else dest
         target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
@@ -164,10 +216,26 @@ class Client:
             raise VitqApiError(response.status_code, "http_error", response.text[:500]) from None
 
     # datasets and models
-    def upload_dataset(self, path: str | Path) -> dict[str, Any]:
+    def upload_dataset(self, path: str | Path, *, on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Upload an ``.npz`` or ImageFolder archive; ``on_bytes(n)`` is called as each chunk goes out."""
         path = Path(path)
         with open(path, "rb") as f:
-            return self._request("POST", "/v1/datasets", files={"file": (path.name, f)}).json()
+            body: Any = f if on_bytes is None else _ReadCounter(f, on_bytes)
+            return self._request("POST", "/v1/datasets", files={"file": (path.name, body)}).json()
+
+    def find_dataset(self, sha256: str) -> dict[str, Any] | None:
+        """This tenant's dataset with these bytes (``sha256`` of the uploaded file), if it has one."""
+        return next((d for d in self.list_datasets() if d.get("sha256") == sha256), None)
+
+    def ensure_dataset(
+        self, path: str | Path, *, on_bytes: Callable[[int], None] | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """The dataset for a local file: the one already uploaded with the same sha256, else a new upload.
+        Returns ``(dataset, uploaded)``."""
+        existing = self.find_dataset(file_sha256(path))
+        if existing is not None:
+            return existing, False
+        return self.upload_dataset(path, on_bytes=on_bytes), True
 
     def list_datasets(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/datasets").json()["data"]

@@ -1,5 +1,6 @@
 """vitq/client_cli.py: `vitq jobs submit` sends fixed bits or an accuracy target, and prints the API's
-refusal (exit 2) rather than a traceback. The API runs in-process on the real PostgreSQL."""
+refusal (exit 2) rather than a traceback. The API runs in-process on the real PostgreSQL.
+More verbs and failures: test_client_verbs.py."""
 
 from __future__ import annotations
 
@@ -57,4 +58,5 @@ def test_submit_with_fixed_bits_still_works(cli, capsys):
 def test_a_refused_submit_prints_the_apis_message_and_exits_2(cli, capsys, extra, fragment):
     assert cli([*SUBMIT, *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 422 invalid_request") and fragment in err, err
+    assert err.startswith("vitq: error: 422 invalid_request") and fragment in err, err
+    assert err.count("\n") == 1, err
