@@ -27,10 +27,18 @@ class CalibrationSample:
     seed: int
     population: int
     per_class_counts: dict[str, int] | None
+    requested: int | None = None
+    """The ``calib_size`` asked for; more than the data holds, the sample is all of it (``n``)."""
 
     def describe(self) -> dict[str, Any]:
-        return {"seed": self.seed, "n": int(len(self.indices)), "population": self.population,
-                "stratified": self.per_class_counts is not None, "per_class_counts": self.per_class_counts}
+        n = int(len(self.indices))
+        out: dict[str, Any] = {"seed": self.seed, "n": n, "population": self.population, "requested": self.requested,
+                               "stratified": self.per_class_counts is not None,
+                               "per_class_counts": self.per_class_counts}
+        if self.requested is not None and n < self.requested:
+            out["note"] = (f"calib_size {self.requested} was asked for but the data holds {self.population} "
+                           f"images: {n} calibrated the model (the config records {n})")
+        return out
 
 
 def _proportional_allocation(class_sizes: np.ndarray, n: int) -> np.ndarray:
@@ -85,4 +93,4 @@ def calibration_sample(dataset: ImageDataset, n: int, seed: int) -> CalibrationS
             key = names[value] if names is not None and 0 <= value < len(names) else str(value)
             per_class[key] = int(count)
     return CalibrationSample(images=dataset.take(indices), indices=indices, seed=seed, population=len(dataset),
-                             per_class_counts=per_class)
+                             per_class_counts=per_class, requested=n)

@@ -28,6 +28,7 @@ from core.atomic_file import atomic_file
 from core.bitpack import pack_codes, unpack_codes
 from core.config import QuantConfig
 from core.errors import CheckpointError, VitqError
+from core.finite_json import finite_json
 from core.models import create_architecture, make_spec
 from core.quantize import QuantizedModel
 from core.quantizers import ActQuantizer, UniformQuantizer
@@ -85,7 +86,7 @@ def save(qmodel: QuantizedModel, path: str | Path, metadata: dict[str, Any] | No
               "config": qmodel.config.to_dict(),
               "versions": library_versions(), **(metadata or {})}
     with atomic_file(path, ".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"vitq": json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={"vitq": json.dumps(finite_json(header), allow_nan=False)})
     return path
 
 

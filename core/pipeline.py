@@ -24,6 +24,7 @@ from core.data import ImageDataset, load_dataset
 from core.device import resolve_device
 from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
 from core.export.artifacts import DEFAULT_EXPORTS, check_exports, fp32_parameter_bytes, write_exports
+from core.finite_json import finite_json
 from core.models import ModelSpec, build_model, resolve_model_spec
 from core.quantize import ProgressFn, QuantizedModel, StopFn, quantize
 from core.wrap import weight_layers
@@ -61,7 +62,7 @@ def layer_sqnr(fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor) -> 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     with atomic_file(path, ".json") as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
+        tmp.write_text(json.dumps(finite_json(data), indent=2, allow_nan=False))
 
 
 def _preset_reason(requested: Preset, config: QuantConfig, device: torch.device) -> str:
@@ -223,5 +224,6 @@ def write_run_outputs(
                        "onnx_bytes": report["exports"].get("onnx", {}).get("bytes")}
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    report = finite_json(report)  # an undefined figure (the SQNR of constant logits) is null, not -inf
     write_json_atomic(out / "report.json", report)
     return report

@@ -9,6 +9,7 @@ calibrate layer-wise → weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -161,6 +162,8 @@ def quantize(
     if calib.shape[0] > config.calib_size:  # never "the first N": a class-sorted tensor would give one class
         chosen = torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(config.seed))
         calib = calib[chosen[: config.calib_size]]
+    elif calib.shape[0] < config.calib_size:  # fewer images than asked: the config records what ran
+        config = dataclasses.replace(config, calib_size=int(calib.shape[0]))
     images = calib.to(dev, torch.float32)
     init_images = images[:ACT_INIT_IMAGES]
     qmodel = wrap_model(copy.deepcopy(model).float(), config).to(dev).eval()

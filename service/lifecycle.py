@@ -20,6 +20,7 @@ Events (``job_events``) are written by the transition that won, in the same tran
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
+from core.finite_json import finite_json
 from service.tables import Artifact, Job, JobErrorCode, JobEvent, JobStatus, Report, utcnow
 
 
@@ -179,7 +181,7 @@ def claim(
     )
     if not won:
         return None
-    _event(session, job_id, "started", f"claimed by {worker}")
+    _event(session, job_id, "started", f"started (attempt {attempts + 1})")  # the worker's name stays private
     return Lease(job_id=job_id, worker=worker, attempt=attempts + 1)
 
 
@@ -201,13 +203,13 @@ def cancel_is_requested(session: Session, job_id: str) -> bool:
 
 
 def record_progress(session: Session, lease: Lease, progress: dict[str, Any], *, new_stage: str | None = None) -> bool:
-    """Store the latest progress; ``new_stage`` also logs a ``stage`` event."""
+    """Store the latest progress (a NaN loss as null); ``new_stage`` also logs a ``stage`` event."""
     won = _guarded(
         session,
         lease.job_id,
         status=JobStatus.RUNNING,
         attempt=lease.attempt,
-        values=dict(progress=progress, updated_at=utcnow()),
+        values=dict(progress=finite_json(progress), updated_at=utcnow()),
         also=_held(lease),
     )
     if won and new_stage is not None:
@@ -275,20 +277,34 @@ def succeed(
     """``running → succeeded`` and, only if that UPDATE won, the artifact and report rows, in the same
     transaction. A worker whose attempt is no longer current records nothing. ``hold_blobs`` (see
     ``service.blob_gc.hold``) runs after the job row is won and before the rows are added, so a blob
-    shared with a job being deleted is kept, or stored again, for these rows."""
+    shared with a job being deleted is kept, or stored again, for these rows.
+
+    Every number written is finite or null (``core.finite_json``): PostgreSQL's JSON columns refuse
+    ``-Infinity``, and the API could not return it."""
+    progress = {**(progress or {}), "percent": 100.0, "eta_seconds": 0.0}
     won = _end(
         session,
         lease,
         JobStatus.SUCCEEDED,
         code=None,
         message="artifacts stored",
-        extra=dict(result=summary, progress={**(progress or {}), "percent": 100.0, "eta_seconds": 0.0}),
+        extra=dict(result=finite_json(summary), progress=finite_json(progress)),
     )
     if won:
         if hold_blobs is not None:
             hold_blobs(session)
-        session.add_all([*artifacts, report])
+        session.add_all([*artifacts, _finite_report(report)])
     return won
+
+
+def _finite_report(report: Report) -> Report:
+    """The report row with its float columns and its JSON finite or null."""
+    for column in Report.__table__.columns:
+        value = getattr(report, column.key, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            setattr(report, column.key, None)
+    report.report = finite_json(report.report)
+    return report
 
 
 # -- the reaper's transitions -----------------------------------------------------------------------

@@ -81,6 +81,9 @@ class JobErrorCode(StrEnum):
     BROKER_UNAVAILABLE = "broker_unavailable"
     STORAGE = "storage_error"
     """The artifact store or the worker's scratch disk could not be written (full, unwritable)."""
+    RESULT_NOT_RECORDED = "result_not_recorded"
+    """The run finished but its success could not be written (the worker drops its stored files and
+    fails the job rather than letting it be re-queued and computed again)."""
     INTERNAL = "internal_error"
 
 

@@ -199,13 +199,14 @@ def _target_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _result_rows(
-    settings: Settings, job: JobInputs, out: Path, report: dict[str, Any]
-) -> tuple[list[Artifact], Report, dict[str, Any]]:
-    """Put the job's files in the artifact store (content-addressed) and build the rows that point at
-    them; :func:`service.lifecycle.succeed` adds the rows only if this attempt is still current."""
+    settings: Settings, job: JobInputs, out: Path, report: dict[str, Any], artifacts: list[Artifact]
+) -> tuple[Report, dict[str, Any]]:
+    """Put the job's files in the artifact store (content-addressed), appending each one's row to
+    ``artifacts`` as soon as its blob is stored (so a failure later can release what was stored), and
+    build the report row and the summary; :func:`service.lifecycle.succeed` adds the rows only if this
+    attempt is still current."""
     store = get_store(settings.resolved_storage_dir)
     (out / "report.html").write_text(render_report_html(report, job_id=job.job_id), encoding="utf-8")
-    artifacts: list[Artifact] = []
     for name, content_type in CONTENT_TYPES.items():
         if name in OPTIONAL_ARTIFACTS and not (out / name).is_file():
             continue
@@ -238,7 +239,7 @@ def _result_rows(
     summary.update(_target_summary(report))
     onnx = (report.get("exports") or {}).get("onnx") or {}
     summary.update(onnx_sha256=onnx.get("sha256"), onnx_bytes=onnx.get("bytes"), export_error=onnx.get("error"))
-    return artifacts, row, summary
+    return row, summary
 
 
 def _release_blobs(settings: Settings, artifacts: list[Artifact]) -> None:
@@ -248,6 +249,30 @@ def _release_blobs(settings: Settings, artifacts: list[Artifact]) -> None:
             blob_gc.release(session, get_store(settings.resolved_storage_dir), [a.sha256 for a in artifacts])
     except Exception:  # the retention pass's orphan sweep removes them later
         log.warning("could not release the blobs of a dropped result", exc_info=True)
+
+
+FINAL_WRITE_TRIES = 3
+"""Tries of the failure write after a success write failed (a database that blinked may be back)."""
+
+
+def _fail_unrecorded(settings: Settings, lease: Lease, artifacts: list[Artifact], exc: Exception) -> str | None:
+    """The computation finished but its success could not be written (a value the database refused, a
+    constraint, a bug). Re-queueing would run it again into the same failure (a -inf SQNR ran three
+    times and ended ``worker_lost``), so the job fails with ``result_not_recorded`` and the blobs no row
+    names are removed. Only when even that write fails (the database is down) is the job left to the
+    reaper."""
+    log.error("job %s: its result could not be recorded", lease.job_id, exc_info=exc)
+    _release_blobs(settings, artifacts)
+    message = f"the job finished but its result could not be recorded ({type(exc).__name__}); nothing was kept"
+    for attempt in range(FINAL_WRITE_TRIES):
+        try:
+            won = _finish(settings, lifecycle.fail, lease, code=JobErrorCode.RESULT_NOT_RECORDED.value,
+                          message=message)
+            return JobStatus.FAILED.value if won else None
+        except Exception:
+            log.warning("job %s: could not record the failure (try %d)", lease.job_id, attempt + 1, exc_info=True)
+            time.sleep(1 + attempt)
+    return None
 
 
 def _blob_holder(settings: Settings, artifacts: list[Artifact], out: Path) -> Callable[[Any], None]:
@@ -348,8 +373,9 @@ def run_job(
                     message=f"{type(exc).__name__}: {str(exc)[:500]}",
                 )
                 return JobStatus.FAILED.value if won else None
+        artifacts: list[Artifact] = []  # filled as the blobs are stored, so a failure can release them
         try:
-            artifacts, report_row, summary = _result_rows(settings, job, scratch / "out", report)
+            report_row, summary = _result_rows(settings, job, scratch / "out", report, artifacts)
             won = _finish(
                 settings,
                 lifecycle.succeed,
@@ -361,7 +387,10 @@ def run_job(
                 hold_blobs=_blob_holder(settings, artifacts, scratch / "out"),
             )
         except OSError as exc:  # rolled back: no artifact row points at a blob that is not whole
+            _release_blobs(settings, artifacts)
             return _fail_storage(settings, lease, exc)
+        except Exception as exc:  # the success write failed: never re-queue a finished computation
+            return _fail_unrecorded(settings, lease, artifacts, exc)
         if not won:
             log.warning("job %s was re-queued, taken over or ended while it finished; its results are dropped", job_id)
             _release_blobs(settings, artifacts)
