@@ -101,20 +101,36 @@ def _encodable(text: str) -> str:
 
 
 def error_body(code: str, message: str, details: object | None = None) -> dict:
-    error: dict[str, object] = {"code": code, "message": public_message(message)}
+    error: dict[str, object] = {"code": code, "message": public_message(_cut(message, MESSAGE_LIMIT))}
     if details is not None:
         error["details"] = details
     return {"error": error}
 
 
+MAX_LISTED_ERRORS = 10
+"""Validation errors listed in one 422 (message and ``details``); the rest are counted. A body with
+thousands of unknown keys under ``options`` got a 422 ten times its size, built in seconds (issue 19)."""
+FIELD_MESSAGE_LIMIT = 300
+"""Longest message of one listed field: a validator's message may quote the input."""
+MESSAGE_LIMIT = 2000
+"""Longest error message at all: the last cut of every echo, whatever a check quoted."""
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _format_validation(exc: RequestValidationError) -> tuple[str, list[dict]]:
+    errors = exc.errors()
     details = []
     parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-        msg = str(err.get("msg", "invalid"))
+    for err in errors[:MAX_LISTED_ERRORS]:
+        loc = ".".join(_cut(str(p), ECHO_LIMIT) for p in err.get("loc", ()) if p != "body") or "request"
+        msg = _cut(str(err.get("msg", "invalid")), FIELD_MESSAGE_LIMIT)
         details.append({"field": loc, "message": msg})
         parts.append(f"{loc}: {msg}")
+    if len(errors) > MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more error(s)")
     return "; ".join(parts) or "invalid request", details
 
 

@@ -14,12 +14,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response, params
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.deps import authenticate_early, get_tenant
+from api.errors import echo, error_body
 
 
 class BodyRejected(HTTPException):
@@ -93,9 +95,11 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-def _too_large(limit: int, length: int | None) -> BodyRejected:
-    size = f"request body of {length} bytes" if length is not None else "request body"
-    return BodyRejected(413, "upload_too_large", f"{size} exceeds the limit of {limit} bytes")
+def _too_large(
+    limit: int, length: int | None, code: str = "upload_too_large", what: str = "request body"
+) -> BodyRejected:
+    size = f"{what} of {length} bytes" if length is not None else what
+    return BodyRejected(413, code, f"{size} exceeds the limit of {limit} bytes")
 
 
 async def _send_error(send: Send, exc: BodyRejected) -> None:
@@ -117,16 +121,33 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (use a number or null)")
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members, refusing a name that appears twice: RFC 8259 leaves the meaning open, Python
+    keeps the last and other parsers the first, so ``{"w_bits": 8, "w_bits": 2}`` would mean different
+    jobs to the client, a proxy and us."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {echo(key)} in an object")
+            seen.add(key)
+    return obj
+
+
 def loads_strict(body: bytes | str) -> Any:
     """``json.loads`` that refuses ``NaN``, ``Infinity`` and ``-Infinity`` (Python's parser accepts them;
-    RFC 8259 does not, and a NaN learning rate or kwarg only fails later, somewhere else)."""
+    RFC 8259 does not, and a NaN learning rate or kwarg only fails later, somewhere else), duplicate keys
+    in an object, and nesting deeper than the parser's recursion allows (a ``JSONDecodeError`` each)."""
     text = body.decode("utf-8") if isinstance(body, bytes) else body
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError:
         raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text[:0], 0) from None
     except ValueError as exc:
-        raise json.JSONDecodeError(str(exc), text, 0) from None
+        raise json.JSONDecodeError(str(exc), text[:0], 0) from None
 
 
 class StrictRequest(Request):
@@ -155,11 +176,17 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers or (length is not None and length.strip() not in ("", "0"))
 
 
+def _needs_tenant(dependant: Dependant) -> bool:
+    return any(d.call is get_tenant or _needs_tenant(d) for d in dependant.dependencies)
+
+
 class StrictRoute(APIRoute):
-    """Route class of every router with a body: a JSON route answers 415 to a body of another
-    ``Content-Type`` and parses with :func:`loads_strict`; an upload route answers 415 to a body that
-    is not a form, and 400 to a form field sent twice (two ``file`` parts: which one would be checked?).
-    Bodies that are not JSON at all get 400 from the validation handler (``api/errors.py``)."""
+    """Route class of every router with a body. Before a byte of the body is read: the API key is checked
+    (401/429 from the headers alone), then the ``Content-Type`` (415: a JSON route takes JSON, an upload
+    route a form), then a JSON body's size (413 past ``max_json_body_bytes``, from ``Content-Length`` or
+    while it streams; uploads keep ``max_upload_bytes``). A JSON body is parsed with :func:`loads_strict`;
+    a form field sent twice is a 400 (two ``file`` parts: which one would be checked?). Bodies that are
+    not JSON at all get 400 from the validation handler (``api/errors.py``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -167,9 +194,12 @@ class StrictRoute(APIRoute):
         if self.body_field is not None:
             kind = "form" if isinstance(self.body_field.field_info, params.Form) else "json"
         accepted = FORM_TYPES if kind == "form" else JSON_TYPES
+        needs_tenant = _needs_tenant(self.dependant)
 
         async def strict_handler(request: Request) -> Response:
-            request = StrictRequest(request.scope, request.receive, request._send)
+            if needs_tenant:
+                await authenticate_early(request)
+            receive = request.receive
             if kind is not None and _has_body(request):
                 content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
                 if not (content_type in accepted or (kind == "json" and content_type.endswith("+json"))):
@@ -179,6 +209,29 @@ class StrictRoute(APIRoute):
                         f"Content-Type {content_type[:80] or '(none)'!r} is not accepted here; "
                         f"send {' or '.join(accepted)}",
                     )
-            return await handler(request)
+                if kind == "json":
+                    receive = _limited(request, request.app.state.settings.max_json_body_bytes)
+            return await handler(StrictRequest(request.scope, receive, request._send))
 
         return strict_handler
+
+
+def _limited(request: Request, limit: int) -> Receive:
+    """``request.receive`` that refuses (413) a body over ``limit`` bytes: at once from its declared
+    ``Content-Length``, else as soon as the bytes that arrived pass it (chunked)."""
+    declared = _declared_length(request.scope)
+    if declared is not None and declared > limit:
+        raise _too_large(limit, declared, "body_too_large", "JSON body")
+    received = 0
+    receive = request.receive
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit, None, "body_too_large", "JSON body")
+        return message
+
+    return limited_receive

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from core.archive import is_archive, safe_extract
 from core.errors import DatasetError
 from core.models import Preprocess
+from core.pixel_budget import PixelBudget, PixelCounter, check_image_size
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -103,6 +104,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.labels = labels
         self.classes = classes
         self._tempdir = tempdir
+        self._max_image_pixels = PixelBudget().for_input_size(preprocess.input_size).per_image
         n = len(files) if files is not None else len(array)
         if labels is not None and len(labels) != n:
             raise DatasetError(f"{source}: {len(labels)} labels for {n} images")
@@ -136,7 +138,10 @@ class ImageDataset(torch.utils.data.Dataset):
             mode = "L" if self.preprocess.input_size[0] == 1 else "RGB"
             try:
                 with Image.open(path) as img:
+                    check_image_size(img, path.name, self._max_image_pixels)
                     arr = np.asarray(img.convert(mode), dtype=np.uint8)
+            except DatasetError as exc:
+                raise DatasetError(f"{self.source}: {exc.message}") from None
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 raise DatasetError(f"{self.source}: cannot decode image {path.name}: {exception_reason(exc)}") from None
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -348,11 +353,15 @@ def inspect_dataset(path: str | Path, max_decode: int = 64, *, name: str | None 
         dataset = load_dataset(source, probe, name=name)
         if dataset.files is not None:
             shapes = []
+            counter = PixelCounter(PixelBudget())
             for i in range(min(max_decode, len(dataset))):
                 try:
                     with Image.open(dataset.files[i]) as img:
+                        counter.admit(img, dataset.files[i].name)
                         img.load()
                         shapes.append([len(img.getbands()), img.height, img.width])
+                except DatasetError as exc:
+                    raise DatasetError(f"{label}: {exc.message}") from None
                 except (UnidentifiedImageError, OSError, ValueError) as exc:
                     raise DatasetError(
                         f"{label}: cannot decode {dataset.files[i].name}: {exception_reason(exc)}"

@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from PIL import Image
 from core.archive import ArchiveLimits, check_tar_members, check_zip_members, safe_extract
 from core.data import IMAGE_SUFFIXES, check_labels, exception_reason, inspect_dataset
 from core.errors import DatasetError
+from core.pixel_budget import PixelBudget, PixelCounter
+from service.settings import Settings
 from service.storage import ArtifactStore
 
 FORMATS = ("npz", "zip", "tar")
@@ -35,6 +37,17 @@ class ArchiveError(ValueError):
 class Limits:
     max_members: int
     max_bytes: int
+    pixels: PixelBudget = PixelBudget()
+    """Pixels per image and per archive, checked from each header before the image is decoded."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        pixels = PixelBudget()
+        if settings.max_image_pixels is not None:
+            pixels = replace(pixels, per_image=settings.max_image_pixels)
+        if settings.max_dataset_pixels is not None:
+            pixels = replace(pixels, total=settings.max_dataset_pixels)
+        return cls(max_members=settings.max_archive_members, max_bytes=settings.max_archive_bytes, pixels=pixels)
 
 
 def detect_format(filename: str, path: Path) -> str:
@@ -126,8 +139,10 @@ def imagefolder_root(root: Path) -> Path:
         return root
 
 
-def check_images(root: Path, max_images: int) -> int:
-    """Every file under a class directory decodes as an image; labels come from class directories."""
+def check_images(root: Path, max_images: int, pixels: PixelBudget | None = None) -> int:
+    """Every file under a class directory decodes as an image, within the pixel budget (each image's size
+    read from its header before it is decoded); labels come from class directories."""
+    counter = PixelCounter(pixels or PixelBudget())
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ArchiveError("an ImageFolder archive needs one directory per class, holding images")
@@ -143,7 +158,10 @@ def check_images(root: Path, max_images: int) -> int:
                 raise ArchiveError(f"not an image file: {file.relative_to(root)}")
             try:
                 with Image.open(file) as image:
+                    counter.admit(image, str(file.relative_to(root)))
                     image.load()
+            except DatasetError as exc:
+                raise ArchiveError(exc.message) from None
             except Exception as exc:  # PIL raises many types for broken files
                 raise ArchiveError(
                     f"image does not decode: {file.relative_to(root)}: {exception_reason(exc)}"
@@ -197,7 +215,7 @@ def validate_upload(raw: Path, filename: str, workdir: Path, limits: Limits) -> 
         check_npz(path, limits)
     else:
         path = extract(raw, fmt, workdir / "extracted", limits)
-        check_images(path, limits.max_members)
+        check_images(path, limits.max_members, limits.pixels)
     return fmt, path, inspect_dataset(str(path), name=filename)
 
 

@@ -6,11 +6,16 @@ forks workers and tests change the environment between apps.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from core.hub_weights import HubPolicy
 
 
 class Settings(BaseSettings):
@@ -37,6 +42,41 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024**2, description="Largest accepted upload (bytes).")
     body_idle_timeout_s: float = Field(30.0, description="A request body pausing this long is refused (408).")
     body_timeout_s: float = Field(900.0, description="A request body must arrive within this many seconds.")
+    max_json_body_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest JSON request body (a job is a few kB); uploads have `max_upload_bytes`. Larger: 413.",
+    )
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Most pixels (width × height, read from the header before decoding) one image of an "
+        "uploaded ImageFolder archive may have; larger: 422 naming the file. Default: "
+        "`core.pixel_budget.MAX_IMAGE_PIXELS` (4096²).",
+    )
+    max_dataset_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Most pixels all the images of one uploaded archive may have together. Default: "
+        "`core.pixel_budget.MAX_DATASET_PIXELS` (2³¹).",
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose request head (request line + headers) is not complete this "
+        "long after it opened (or after its previous response) is closed (408 when part of a head arrived)."
+    )
+    http_max_head_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request head (request line + headers). Larger: 431."
+    )
+    http_keep_alive_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this long.")
+    http_write_stall_timeout_s: float = Field(
+        60.0, gt=0, description="A client that reads nothing of its response for this long is disconnected."
+    )
+    http_max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Connections (and requests in progress) one API process serves at once; past it, requests get "
+        "503. Keep it under the process's file-descriptor limit.",
+    )
     max_archive_members: int = Field(200_000, description="Most members an uploaded archive may hold.")
     max_archive_bytes: int = Field(4 * 1024**3, description="Largest uncompressed archive (bytes).")
     max_model_parameters: int = Field(
@@ -44,6 +84,27 @@ class Settings(BaseSettings):
         ge=1,
         description="Most parameters a job's or an upload's model may have, counted on the meta device before "
         "anything is built (ViT-L/16 has 304 M; the I&S-ViT paper's largest model, Swin-B, 88 M).",
+    )
+
+    hub_access: Literal["off", "cache-only", "online"] = Field(
+        "off",
+        description="Pretrained weights for timm and Hugging Face Hub ids: `off` (refused at submit), "
+        "`cache-only` (what `model_cache` holds), `online` (workers download into `model_cache` from "
+        "`HF_ENDPOINT`, the public Hub or an internal mirror, with the operator's `HF_TOKEN`). The API never "
+        "downloads weights.",
+    )
+    model_cache: Path | None = Field(
+        None,
+        description="The weights cache every worker reads (Hugging Face cache layout: a shared volume or one "
+        "per host). Default: `<data_dir>/models`.",
+    )
+    hub_allowed_orgs: str = Field(
+        "",
+        description="Comma list of Hub organisations whose repositories jobs may name (`timm,my-company`); "
+        "empty: any. Others are refused at submit.",
+    )
+    hub_timeout_s: float = Field(
+        10.0, gt=0, description="A Hub or mirror request that gets no answer this long fails the fetch (no retries)."
     )
 
     job_soft_time_limit_s: int = Field(6 * 3600, description="Soft time limit of one job (seconds).")
@@ -133,6 +194,19 @@ class Settings(BaseSettings):
     @property
     def resolved_cache_dir(self) -> Path:
         return (self.cache_dir or self.data_dir / "cache").resolve()
+
+    @property
+    def resolved_model_cache(self) -> Path:
+        return (self.model_cache or self.data_dir / "models").resolve()
+
+    def hub_policy(self) -> HubPolicy:
+        """The hub rules of this deployment (``core.hub_weights``); the token is the operator's ``HF_TOKEN``
+        from the worker's environment, never a request's. Imported here: settings stay free of torch."""
+        from core.hub_weights import HubAccess, HubPolicy, parse_orgs
+
+        return HubPolicy(HubAccess(self.hub_access), self.resolved_model_cache, parse_orgs(self.hub_allowed_orgs),
+                         os.environ.get("HF_ENDPOINT") or None, os.environ.get("HF_TOKEN") or None,
+                         self.hub_timeout_s)
 
     @property
     def resolved_webhook_queue(self) -> str:

@@ -56,7 +56,7 @@ def upload_dataset(
     tenant: TenantDep,
 ) -> DatasetPublic:
     filename = safe_filename(file.filename, "dataset")
-    limits = Limits(max_members=settings.max_archive_members, max_bytes=settings.max_archive_bytes)
+    limits = Limits.from_settings(settings)
     with scratch_dir(settings.resolved_cache_dir / "uploads") as tmp:
         raw = tmp / "upload"
         size = save_upload(file, raw, max_bytes=settings.max_upload_bytes)
