@@ -29,8 +29,18 @@ DATA_REF_DOC = "`fashion-mnist:train[:N]`, `fashion-mnist:test[:N]`, or an uploa
 class TimmModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    timm_name: str = Field(min_length=1, max_length=200, description="Any timm ViT, DeiT or Swin name.")
+    timm_name: str = Field(min_length=1, max_length=300, description="A model id: a timm ViT, DeiT or Swin name, "
+                           "optionally with a pretrained tag (`deit_small_patch16_224.fb_in1k`), or a timm-format "
+                           "Hub repository (`hf-hub:org/repo`, `org/repo`), optionally `@revision`.")
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for timm.")
+    weights: Literal["pretrained", "random"] | None = Field(
+        None, description="`pretrained` (the default: the id's pretrained weights, under the operator's hub "
+        "policy) or `random` (asked for, e.g. for timing runs)."
+    )
+    preprocess: dict[str, Any] | None = Field(
+        None, description="Overrides of the pretrained preprocessing: `mean`, `std`, `input_size`, "
+        "`interpolation`, `crop_pct`."
+    )
 
     @field_validator("timm_kwargs", mode="before")
     @classmethod
@@ -89,12 +99,18 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[
-        Annotated[Annotated[str, Field(min_length=1, max_length=200)], Tag("id")]
+        Annotated[Annotated[str, Field(min_length=1, max_length=300)], Tag("id")]
         | Annotated[TimmModelRef, Tag("timm")],
         Discriminator(_model_ref_kind),
     ] = Field(
-        description="A built-in model id (`fmnist-vit-tiny`), an uploaded model id (`mdl_…`), "
-        "or `{timm_name, timm_kwargs}`."
+        description="A model id: built-in (`fmnist-vit-tiny`), uploaded (`mdl_…`), a timm name with or without a "
+        "pretrained tag (`deit_small_patch16_224.fb_in1k`), or a timm-format Hub repository (`hf-hub:org/repo`, "
+        "`org/repo`), each optionally `@revision`; or `{timm_name, timm_kwargs, weights, preprocess}`. A timm or "
+        "Hub id means its pretrained weights, fetched by the worker under the operator's hub policy."
+    )
+    allow_chance_fp: StrictBool = Field(
+        False, description="Go on when the float model's top-1 on the evaluation data is no better than chance "
+        "(otherwise the job fails early with `fp_accuracy_at_chance`); the report says so."
     )
     w_bits: Bits | None = Field(None, description="Weight bits; required unless `target` is given.")
     a_bits: Bits | None = Field(None, description="Activation bits; required unless `target` is given.")

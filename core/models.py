@@ -8,7 +8,7 @@ import json
 import math
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,21 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.errors import CheckpointError, ModelSpecError
+from core.hub_weights import FetchedWeights, HubPolicy, fetch_weights, hub_config, unavailable
+from core.model_ids import SUPPORTED_FAMILIES, HubRef, parse_model_id
 from core.timm_kwargs import check_kwarg_bounds, check_kwarg_types
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
-SUPPORTED_FAMILIES = ("vit_", "deit_", "deit3_", "swin_")
-FORBIDDEN_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "device"}
+FORBIDDEN_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "device",
+                    "pretrained_model_args"}
+WEIGHTS_CHOICES = ("pretrained", "random")
+"""``weights`` of a model spec: ``pretrained`` (the default for a timm or hub id) or ``random`` (asked for,
+e.g. for timing runs). A spec with a checkpoint takes its weights from it."""
+PRETRAINED_KWARG_REFUSED = (
+    "timm_kwargs.pretrained is not taken: a timm name or hub id means its pretrained weights "
+    "(deit_small_patch16_224.fb_in1k, hf-hub:org/repo), fetched under the operator's hub policy; "
+    'say "weights": "random" for random weights'
+)
 MAX_PARAMETERS = 1_000_000_000
 
 
@@ -77,26 +87,64 @@ class Preprocess:
 @dataclass(frozen=True)
 class ModelSpec:
     timm_name: str
+    """What timm builds: an architecture, with a pretrained tag when the id named one."""
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     preprocess: Preprocess | None = None
     id: str | None = None
+    weights: str | None = None
+    """``random`` when random weights were asked for; otherwise ``None`` (checkpoint or pretrained)."""
+    hub: HubRef | None = None
+    """Where the pretrained weights are, when they come from the Hub (no checkpoint, not random)."""
+    model_id: str | None = None
+    """The id as the user wrote it (``hf-hub:org/repo@rev``, ``deit_small_patch16_224.fb_in1k``)."""
+    fetched: FetchedWeights | None = field(default=None, compare=False)
+    """The hub weights once in the local cache (``with_hub_weights``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "timm_name": self.timm_name, "timm_kwargs": dict(self.timm_kwargs),
-                "checkpoint": self.checkpoint, "preprocess": self.preprocess.to_dict() if self.preprocess else None}
+        out = {"id": self.id, "timm_name": self.timm_name, "timm_kwargs": dict(self.timm_kwargs),
+               "checkpoint": self.checkpoint, "preprocess": self.preprocess.to_dict() if self.preprocess else None}
+        if self.weights is not None:
+            out["weights"] = self.weights
+        if self.hub is not None:
+            out["hub"] = self.hub.to_dict()
+        if self.model_id is not None:
+            out["model_id"] = self.model_id
+        if self.fetched is not None:
+            out["weights_source"] = self.fetched.provenance()
+        return out
+
+    @property
+    def weights_kind(self) -> str:
+        """``checkpoint``, ``hub``, ``random`` or ``none`` (a timm architecture with no weights at all)."""
+        if self.checkpoint is not None:
+            return "checkpoint"
+        if self.weights == "random":
+            return "random"
+        return "hub" if self.hub is not None else "none"
 
 
-def _default_preprocess(timm_name: str, kwargs: dict[str, Any]) -> Preprocess:
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    cfg = cfg.to_dict() if cfg is not None else {}
+def no_weights_error(spec: ModelSpec) -> ModelSpecError:
+    """A timm architecture with neither pretrained weights nor a checkpoint: say how to supply them."""
+    return ModelSpecError(
+        f"{spec.model_id or spec.timm_name} has no weights: timm has no pretrained weights on the Hub for it "
+        "and no checkpoint was given. Name a pretrained tag or hub repository (timm-name.tag, hf-hub:org/repo), "
+        "upload a checkpoint (POST /v1/models, `vitq models upload`) or give a spec with \"checkpoint\", "
+        'or ask for random weights with "weights": "random"'
+    )
+
+
+def _default_preprocess(timm_name: str, kwargs: dict[str, Any], cfg: dict[str, Any] | None = None) -> Preprocess:
+    if cfg is None:
+        registered = timm.models.get_pretrained_cfg(timm_name)
+        cfg = registered.to_dict() if registered is not None else {}
     mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    _, h, w = cfg.get("input_size", (3, 224, 224))
+    cfg_channels, h, w = cfg.get("input_size", (3, 224, 224))
     img_size = kwargs.get("img_size")
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    channels = int(kwargs.get("in_chans", 3))
+    channels = int(kwargs.get("in_chans", cfg_channels))
     if channels != len(mean):
         mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
     return Preprocess(mean, std, (channels, int(h), int(w)), cfg.get("interpolation", "bicubic"),
@@ -109,27 +157,71 @@ def _timm_model_names() -> frozenset[str]:
     return frozenset(timm.list_models())
 
 
-def make_spec(data: dict[str, Any], base_dir: Path | None = None, spec_id: str | None = None) -> ModelSpec:
-    """Validate a spec dict ``{"timm_name", "timm_kwargs", "checkpoint", "preprocess"}``."""
+def _hub_architecture(config: dict[str, Any], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], Preprocess]:
+    """A timm-format repository's ``config.json`` as what vitq builds: the architecture, its saved
+    ``model_args`` (with the checkpoint's ``num_classes``) under the user's kwargs, and the repository's
+    pretrained preprocessing."""
+    name = config["architecture"]
+    base = name.split(".", 1)[0]
+    if not base.startswith(SUPPORTED_FAMILIES) or base not in _timm_model_names():
+        raise ModelSpecError(
+            f"the repository's architecture {name[:100]!r} is not a timm ViT, DeiT or Swin "
+            "(vit_*, deit_*, deit3_*, swin_*)"
+        )
+    pretrained_cfg = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+    model_args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    merged = dict(model_args)
+    classes = config.get("num_classes", pretrained_cfg.get("num_classes"))
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        merged.setdefault("num_classes", classes)
+    merged.update(kwargs)
+    check_kwarg_bounds(merged)
+    return name, merged, _default_preprocess(name, merged, dict(pretrained_cfg))
+
+
+def make_spec(data: dict[str, Any], base_dir: Path | None = None, spec_id: str | None = None,
+              hub_policy: HubPolicy | None = None) -> ModelSpec:
+    """Validate a spec dict ``{"timm_name", "timm_kwargs", "checkpoint", "preprocess", "weights"}``.
+
+    ``timm_name`` takes every model id form but a built-in id: a timm name (with a pretrained tag or not)
+    or a hub id, whose ``config.json`` is read through ``hub_policy`` (default: ``HubPolicy.from_env()``).
+    """
     if not isinstance(data, dict):
         raise ModelSpecError("a model spec must be an object with timm_name")
     unknown = set(data) - {"id", "timm_name", "timm_kwargs", "checkpoint", "preprocess", "checkpoint_sha256",
-                           "checkpoint_dtype", "parameters", "classes", "data", "fp_top1_test", "training"}
+                           "checkpoint_dtype", "parameters", "classes", "data", "fp_top1_test", "training",
+                           "weights", "hub", "model_id", "weights_source"}
     if unknown:
         raise ModelSpecError(f"unknown model spec field(s): {', '.join(sorted(unknown))}")
     name = data.get("timm_name")
     if not isinstance(name, str) or not name:
         raise ModelSpecError("model spec needs a timm_name string")
-    if not name.startswith(SUPPORTED_FAMILIES) or name not in _timm_model_names():
-        raise ModelSpecError(
-            f"unknown or unsupported timm model {name!r}: vitq accepts timm ViT, DeiT and Swin names "
-            "(vit_*, deit_*, deit3_*, swin_*)"
-        )
+    weights = data.get("weights")
+    if weights is not None and weights not in WEIGHTS_CHOICES:
+        raise ModelSpecError(f"weights must be {' or '.join(WEIGHTS_CHOICES)}, not {str(weights)[:40]!r}")
     kwargs = data.get("timm_kwargs") or {}
     check_kwarg_bounds(kwargs)  # shape, finiteness and sizes, before anything is sized from them
+    if "pretrained" in kwargs:
+        raise ModelSpecError(PRETRAINED_KWARG_REFUSED)
     forbidden = sorted(FORBIDDEN_KWARGS & set(kwargs))
     if forbidden:
         raise ModelSpecError(f"timm_kwargs may not set {', '.join(forbidden)}; give weights as 'checkpoint'")
+    parsed = parse_model_id(name)
+    hub = HubRef.from_dict(data["hub"]) if data.get("hub") is not None else parsed.hub
+    if parsed.kind == "hub":
+        assert parsed.hub is not None
+        if data.get("checkpoint") is not None:
+            raise ModelSpecError("a hub id brings its own weights; give either a hub id or a checkpoint")
+        policy = hub_policy or HubPolicy.from_env()
+        config = hub_config(policy, parsed.hub, name)
+        if config is None:
+            raise unavailable(parsed.hub, name, f"its config.json is not in the model cache {policy.cache_dir}",
+                              policy)
+        arch, kwargs, default = _hub_architecture(config, kwargs)
+        preprocess = Preprocess.from_dict(data["preprocess"], default) if data.get("preprocess") else default
+        return ModelSpec(arch, kwargs, None, preprocess, spec_id or data.get("id"), weights,
+                         None if weights == "random" else parsed.hub, data.get("model_id") or name)
+    written, name = name, parsed.timm_name or name
     checkpoint = data.get("checkpoint")
     if checkpoint is not None:
         if not isinstance(checkpoint, str):
@@ -140,7 +232,10 @@ def make_spec(data: dict[str, Any], base_dir: Path | None = None, spec_id: str |
         checkpoint = str(path)
     default = _default_preprocess(name, kwargs)
     preprocess = Preprocess.from_dict(data["preprocess"], default) if data.get("preprocess") else default
-    return ModelSpec(name, dict(kwargs), checkpoint, preprocess, spec_id or data.get("id"))
+    if checkpoint is not None or weights == "random":
+        hub = None
+    model_id = data.get("model_id") or (written if hub is not None else None)
+    return ModelSpec(name, dict(kwargs), checkpoint, preprocess, spec_id or data.get("id"), weights, hub, model_id)
 
 
 def _builtin_specs() -> dict[str, ModelSpec]:
@@ -161,27 +256,37 @@ def list_builtin_models() -> list[dict[str, Any]]:
     return out
 
 
-def resolve_model_spec(value: str | dict[str, Any] | ModelSpec) -> ModelSpec:
-    """A built-in id, a path to a spec JSON file, a spec dict, or a ModelSpec."""
+def resolve_model_spec(value: str | dict[str, Any] | ModelSpec, hub_policy: HubPolicy | None = None) -> ModelSpec:
+    """A model id (built-in, timm name with or without a pretrained tag, ``hf-hub:org/repo``, ``org/repo``,
+    each optionally ``@revision``), a path to a spec JSON file, an inline spec JSON object (as ``vitq jobs
+    submit`` takes it), a spec dict, or a ModelSpec."""
     if isinstance(value, ModelSpec):
         return value
     if isinstance(value, dict):
-        return make_spec(value)
-    if not isinstance(value, str) or not value:
-        raise ModelSpecError("model must be a built-in id, a spec JSON path, or a spec object")
+        return make_spec(value, hub_policy=hub_policy)
+    if not isinstance(value, str) or not value.strip():
+        raise ModelSpecError("model must be a model id, a spec JSON path, or a spec object")
+    value = value.strip()
     builtins = _builtin_specs()
     if value in builtins:
         return builtins[value]
+    if value.startswith("{"):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ModelSpecError(f"the model spec is not valid JSON: {exc}") from None
+        return make_spec(data, hub_policy=hub_policy)
     path = Path(value)
     if path.suffix == ".json" and path.is_file():
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelSpecError(f"cannot read model spec {value}: {exc}") from None
-        return make_spec(data, base_dir=path.parent)
-    if not path.suffix:
-        return make_spec({"timm_name": value})
-    raise ModelSpecError(f"unknown model {value!r}: not a built-in ({', '.join(builtins)}), spec file, or timm name")
+        return make_spec(data, base_dir=path.parent, hub_policy=hub_policy)
+    if path.suffix == ".json":
+        raise ModelSpecError(f"model spec file {value} not found")
+    parse_model_id(value, frozenset(builtins))  # the "did you mean" refusal for unknown names
+    return make_spec({"timm_name": value}, hub_policy=hub_policy)
 
 
 SAFETENSORS_MAX_HEADER_BYTES = 1 << 27
@@ -354,26 +459,71 @@ def check_parameter_count(spec: ModelSpec, max_parameters: int = MAX_PARAMETERS)
 
 
 def create_architecture(spec: ModelSpec, max_parameters: int = MAX_PARAMETERS) -> nn.Module:
-    """The timm model with random weights; rejects absurd sizes (counted on the meta device) before
-    allocating them."""
-    kwargs = dict(spec.timm_kwargs)
-    pretrained = bool(kwargs.pop("pretrained", False))
+    """The timm model with random weights (the skeleton a checkpoint is loaded into); rejects absurd sizes
+    (counted on the meta device) before allocating them."""
+    kwargs = {k: v for k, v in spec.timm_kwargs.items() if k != "pretrained"}
     check_parameter_count(spec, max_parameters)
     try:
-        model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     except Exception as exc:
-        if pretrained:
-            raise ModelSpecError(
-                f"pretrained weights for {spec.timm_name} could not be fetched ({type(exc).__name__}); "
-                "without the model hub, upload the weights as a safetensors checkpoint and set pretrained=false"
-            ) from None
         raise ModelSpecError(f"timm could not build {spec.timm_name} with {kwargs}: {exc}") from None
     return model.eval()
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """The float model with the spec's weights (random weights when the spec has none)."""
-    model = create_architecture(spec)
+def with_hub_weights(spec: ModelSpec, hub_policy: HubPolicy | None = None,
+                     progress: Any = None) -> ModelSpec:
+    """``spec`` with its hub weights in the local cache (``spec.fetched``), fetched under ``hub_policy``
+    (default ``HubPolicy.from_env()``); other specs come back unchanged."""
+    if spec.weights_kind != "hub" or spec.fetched is not None:
+        return spec
+    assert spec.hub is not None
+    fetched = fetch_weights(hub_policy or HubPolicy.from_env(), spec.hub, model_id=spec.model_id,
+                            progress=progress)
+    return replace(spec, fetched=fetched)
+
+
+_OVERLAY_KEYS = ("input_size", "num_classes", "first_conv", "classifier", "label_offset", "mean", "std",
+                 "interpolation", "crop_pct", "fixed_input_size")
+"""The repository's ``pretrained_cfg`` entries timm's loader compares with the model it builds (a classifier
+of another width is reset, an input convolution of other channels adapted)."""
+
+
+def _load_hub_model(spec: ModelSpec, max_parameters: int) -> nn.Module:
+    """timm's own pretrained loader on the cached file: its checkpoint filter (position embeddings resized
+    to ``img_size``, input convolution adapted to ``in_chans``) and strict loading, with the classifier
+    checked against the checkpoint's class count."""
+    assert spec.fetched is not None
+    check_parameter_count(spec, max_parameters)
+    kwargs = {k: v for k, v in spec.timm_kwargs.items() if k != "pretrained"}
+    config = spec.fetched.config or {}
+    pretrained_cfg = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+    overlay: dict[str, Any] = {k: v for k, v in pretrained_cfg.items() if k in _OVERLAY_KEYS}
+    overlay.update(file=str(spec.fetched.weights_file), source="", hf_hub_id=None, url=None)
+    classes = config.get("num_classes", pretrained_cfg.get("num_classes"))
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        overlay["num_classes"] = classes
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as exc:  # timm raises RuntimeError for weights that do not fit
+        raise ModelSpecError(
+            f"the weights of {spec.fetched.repo_id} do not fit {spec.timm_name} with {kwargs}: "
+            f"{str(exc).splitlines()[0][:400]}"
+        ) from None
+    return model.eval()
+
+
+def build_model(spec: ModelSpec, hub_policy: HubPolicy | None = None, progress: Any = None,
+                max_parameters: int = MAX_PARAMETERS) -> nn.Module:
+    """The float model with the spec's weights: its checkpoint, its hub weights (fetched under
+    ``hub_policy`` when not yet local), or random weights when the spec says ``"weights": "random"``.
+    A spec with none of these is refused: random weights never happen by accident."""
+    kind = spec.weights_kind
+    if kind == "none":
+        raise no_weights_error(spec)
+    check_parameter_count(spec, max_parameters)  # before any download: a spec timm cannot build fails first
+    if kind == "hub":
+        return _load_hub_model(with_hub_weights(spec, hub_policy, progress), max_parameters)
+    model = create_architecture(spec, max_parameters)
     if spec.checkpoint is not None:
         load_weights(model, _read_state_dict(Path(spec.checkpoint)))
     return model

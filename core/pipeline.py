@@ -25,7 +25,9 @@ from core.device import resolve_device
 from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
 from core.export.artifacts import DEFAULT_EXPORTS, check_exports, fp32_parameter_bytes, write_exports
 from core.finite_json import finite_json
-from core.models import ModelSpec, build_model, resolve_model_spec
+from core.float_model import check_fp_accuracy, load_float_model, weights_record
+from core.hub_weights import HubPolicy
+from core.models import ModelSpec, resolve_model_spec
 from core.quantize import ProgressFn, QuantizedModel, StopFn, quantize
 from core.wrap import weight_layers
 
@@ -82,12 +84,18 @@ def run_quantization(
     should_stop: StopFn | None = None,
     device: str | torch.device | None = None,
     exports: tuple[str, ...] | list[str] = DEFAULT_EXPORTS,
+    hub_policy: HubPolicy | None = None,
+    allow_chance_fp: bool = False,
 ) -> dict[str, Any]:
     """Quantize and evaluate; write ``checkpoint.safetensors``, ``report.json`` and each of ``exports``
     (``"onnx"``: ``model.onnx``; an export that fails is recorded in the report, not raised); return
-    the report."""
+    the report.
+
+    Hub weights are fetched under ``hub_policy`` (default: from the environment) in a ``fetch_weights``
+    stage. A float model at chance level on labelled evaluation data fails before quantization
+    (``ModelAtChanceError``) unless ``allow_chance_fp``."""
     started = time.perf_counter()
-    spec = resolve_model_spec(model_spec)
+    spec = resolve_model_spec(model_spec, hub_policy)
     dev = resolve_device(device)
     requested_preset = config.preset
     config = config.for_device(dev.type).resolved()
@@ -100,9 +108,10 @@ def run_quantization(
         if progress is not None:
             progress({"stage": stage, "unit": "", "index": 0, "total": 1, "loss": None, "done": 0, "total_steps": 0})
 
-    emit("load")
     t0 = time.perf_counter()
-    model = build_model(spec).to(dev)
+    spec, model = load_float_model(spec, hub_policy, progress)
+    emit("load")
+    model = model.to(dev)
     calib_ds = load_dataset(calibration, spec.preprocess)
     sample = calibration_sample(calib_ds, config.calib_size, config.seed)
     calib = sample.images
@@ -118,6 +127,8 @@ def run_quantization(
         fp_logits = predict_logits(model, eval_ds, dev, should_stop)
         fp_metrics = accuracy(fp_logits, labels)
         seconds["evaluate_fp"] = time.perf_counter() - t0
+        fp_chance = check_fp_accuracy(fp_metrics, labels, spec, allow_chance_fp)
+    weights = weights_record(spec)
 
     qmodel = quantize(model, config, calib, progress=progress, should_stop=should_stop, device=dev)
     seconds.update(qmodel.seconds)
@@ -135,6 +146,8 @@ def run_quantization(
         model=model, qmodel=qmodel, spec=spec, requested_preset=requested_preset, device=dev, calib=calib,
         calibration=calibration, calib_ds=calib_ds, sample=sample, evaluation=evaluation, eval_ds=eval_ds,
         fp_metrics=fp_metrics, quant_metrics=quant_metrics,
+        report_extra={"weights": weights, **({"fp_chance": fp_chance} if eval_ds is not None else {})},
+        metadata_extra={"weights": weights},
     ), out, exports, seconds, started, emit)
 
 

@@ -47,7 +47,9 @@ from core.device import resolve_device
 from core.errors import CancelledError, DatasetError, InvalidConfigError
 from core.evaluate import EVAL_BATCH, accuracy, agreement, dataset_labels, predict_logits
 from core.export.artifacts import DEFAULT_EXPORTS, check_exports
-from core.models import ModelSpec, build_model, resolve_model_spec
+from core.float_model import check_fp_accuracy, load_float_model, weights_record
+from core.hub_weights import HubPolicy
+from core.models import ModelSpec, resolve_model_spec
 from core.pipeline import RunRecord, write_run_outputs
 from core.quantize import ProgressFn, QuantizedModel, StopFn, quantize
 from core.sensitivity import model_bytes, unit_sensitivity
@@ -425,6 +427,8 @@ def run_target_search(
     should_stop: StopFn | None = None,
     device: str | torch.device | None = None,
     exports: tuple[str, ...] | list[str] = DEFAULT_EXPORTS,
+    hub_policy: HubPolicy | None = None,
+    allow_chance_fp: bool = False,
 ) -> dict[str, Any]:
     """Search for the smallest configuration within ``target``; write its checkpoint, ``report.json`` (with
     every trial under ``"target"``) and exports, as ``run_quantization`` does; return the report.
@@ -434,7 +438,7 @@ def run_target_search(
     started = time.perf_counter()
     if not evaluation:
         raise DatasetError("a target job needs labelled evaluation data (evaluation): the target is a top-1 drop")
-    spec = resolve_model_spec(model_spec)
+    spec = resolve_model_spec(model_spec, hub_policy)
     dev = resolve_device(device)
     requested_preset = base.preset
     base = base.for_device(dev.type)
@@ -450,9 +454,10 @@ def run_target_search(
             progress({"stage": stage, "unit": "", "index": 0, "total": 1, "loss": None, "done": steps,
                       "total_steps": steps})
 
-    emit("load")
     t0 = time.perf_counter()
-    model = build_model(spec).to(dev)
+    spec, model = load_float_model(spec, hub_policy, progress)
+    emit("load")
+    model = model.to(dev)
     calib_size = base.resolved().calib_size or 1024
     calib_ds = load_dataset(calibration, spec.preprocess)
     sample = calibration_sample(calib_ds, calib_size, base.seed)
@@ -468,6 +473,7 @@ def run_target_search(
     fp_metrics = accuracy(fp_logits, labels)
     fp_decision_top1 = top1(fp_logits[torch.from_numpy(split.decision)], labels[torch.from_numpy(split.decision)])
     seconds["evaluate_fp"] = time.perf_counter() - t0
+    fp_chance = check_fp_accuracy(fp_metrics, labels, spec, allow_chance_fp)
 
     found = search(model, target, base, calib, eval_ds, labels, split, fp_decision_top1, dev, progress, should_stop)
     seconds.update({f"search_{k}": v for k, v in found["seconds"].items()})
@@ -506,8 +512,9 @@ def run_target_search(
         model=model, qmodel=qmodel, spec=spec, requested_preset=requested_preset, device=dev, calib=calib,
         calibration=calibration, calib_ds=calib_ds, sample=sample, evaluation=evaluation, eval_ds=eval_ds,
         fp_metrics=fp_metrics, quant_metrics=quant_metrics,
-        report_extra={"target": target_report},
-        metadata_extra={"target": {k: target_report[k] for k in ("max_top1_drop", "target_met", "decision",
+        report_extra={"target": target_report, "weights": weights_record(spec), "fp_chance": fp_chance},
+        metadata_extra={"weights": weights_record(spec),
+                        "target": {k: target_report[k] for k in ("max_top1_drop", "target_met", "decision",
                                                                    "heldout")}},
         sizes_extra={"model_bytes": chosen.size_bytes},
     ), out, exports, seconds, started, emit)

@@ -11,7 +11,7 @@ python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm._
 data=$(mktemp -d)
 python3 scripts/random_npz.py --n 1024 --size 224 --channels 3 --classes 1000 --out "$data/rand.npz"
 start=$(date +%s)
-python3 -m vitq.cli bench --model deit_small_patch16_224 --preset paper --bits 4 --methods isvit \
+python3 -m vitq.cli bench --model '{"timm_name": "deit_small_patch16_224", "weights": "random"}' --preset paper --bits 4 --methods isvit \
   --calib "$data/rand.npz" --eval "$data/rand.npz" --json "$out/paper-deit-s-w4a4.json" >"$out/bench.log" 2>&1
 status=$?
 echo "bench exit $status after $(( $(date +%s) - start )) s"

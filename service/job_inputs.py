@@ -18,7 +18,15 @@ from sqlalchemy.orm import Session
 
 from core import DatasetError, ModelSpecError, QuantConfig, list_builtin_models, resolve_model_spec
 from core.data import FASHION_MNIST_SPEC
-from core.models import MAX_PARAMETERS, check_parameter_count, model_num_classes
+from core.hub_weights import HubAccess, HubPolicy, hub_config, require_cached, unavailable
+from core.model_ids import parse_model_id
+from core.models import (
+    MAX_PARAMETERS,
+    PRETRAINED_KWARG_REFUSED,
+    check_parameter_count,
+    model_num_classes,
+    no_weights_error,
+)
 from service.archives import Limits, materialize_dataset
 from service.db import for_update
 from service.storage import ArtifactStore
@@ -44,10 +52,16 @@ def _builtin_spec(model_id: str) -> Any:
 @dataclass(frozen=True)
 class ResolvedModel:
     key: str
-    """What results are grouped by: built-in id, uploaded model id, or timm name."""
+    """What results are grouped by: built-in id, uploaded model id, or the model id as written."""
     stored: dict[str, Any]
     """What the job row keeps; ``spec_from_stored`` rebuilds the core spec from it."""
     spec: Any
+    """The core spec; ``None`` for a hub repository whose config the worker fetches (online policy, not yet
+    in the cache): its architecture and fit are checked there, before any reconstruction."""
+
+
+NO_HUB = HubPolicy(HubAccess.OFF, Path("/nonexistent"))
+"""The policy of a caller that names none: no hub weights."""
 
 
 def resolve_model(
@@ -58,16 +72,47 @@ def resolve_model(
     ref: str | dict,
     cache_dir: Path,
     max_parameters: int = MAX_PARAMETERS,
+    hub: HubPolicy = NO_HUB,
 ) -> ResolvedModel:
-    if isinstance(ref, dict):
-        stored = {"kind": "timm", "timm_name": ref["timm_name"], "timm_kwargs": ref.get("timm_kwargs") or {}}
-        refuse_pretrained(stored["timm_kwargs"])
-        spec = spec_from_stored(stored, store, cache_dir)
-        check_buildable(spec, max_parameters=max_parameters)
-        return ResolvedModel(ref["timm_name"], stored, spec)
-    if ref in builtin_ids():
+    """A job's model (any model id form, an uploaded model id, or ``{timm_name, timm_kwargs, weights,
+    preprocess}``), checked at submit without touching the network: unknown names (with close matches),
+    organisations off the allow-list, hub access ``off``, weights not in a ``cache-only`` cache, and timm
+    architectures without weights are refused here, at once."""
+    if isinstance(ref, str) and ref in builtin_ids():
         stored = {"kind": "builtin", "id": ref}
         return ResolvedModel(ref, stored, spec_from_stored(stored, store, cache_dir))
+    if isinstance(ref, str) and ref.startswith(UPLOAD_PREFIX):
+        return _resolve_upload(session, store, tenant_id=tenant_id, ref=ref, cache_dir=cache_dir)
+    fields = ref if isinstance(ref, dict) else {"timm_name": ref}
+    stored = {"kind": "timm", "timm_name": fields["timm_name"], "timm_kwargs": fields.get("timm_kwargs") or {}}
+    for name in ("weights", "preprocess"):
+        if fields.get(name) is not None:
+            stored[name] = fields[name]
+    refuse_pretrained(stored["timm_kwargs"])
+    parsed = parse_model_id(stored["timm_name"], builtin_ids())
+    wants_hub = stored.get("weights") != "random" and parsed.hub is not None
+    if wants_hub:
+        hub.check_allowed(parsed.hub, parsed.text)
+    local = hub.without_network()  # the API reads the cache at most; the worker downloads
+    if parsed.kind == "hub" and hub_config(local, parsed.hub, parsed.text) is None:
+        if hub.access != HubAccess.ONLINE:
+            raise unavailable(parsed.hub, parsed.text, f"the model cache {hub.cache_dir} does not hold it", hub)
+        return ResolvedModel(parsed.text, stored, None)
+    spec = spec_from_stored(stored, store, cache_dir, hub=local)
+    if spec.weights_kind == "none":
+        raise no_weights_error(spec)
+    if spec.weights_kind == "hub" and hub.access != HubAccess.ONLINE:
+        require_cached(local, spec.hub, parsed.text)  # cache-only: refused now if not cached
+    check_buildable(spec, max_parameters=max_parameters)
+    return ResolvedModel(parsed.text, stored, spec)
+
+
+UPLOAD_PREFIX = "mdl_"
+"""Uploaded model ids (``service.tables.new_id("mdl")``)."""
+
+
+def _resolve_upload(session: Session, store: ArtifactStore, *, tenant_id: str, ref: str,
+                    cache_dir: Path) -> ResolvedModel:
     # FOR SHARE (SQLite: the write lock) until the job row commits: a concurrent DELETE of the model
     # waits, then sees the job (409).
     row = session.scalar(
@@ -75,8 +120,8 @@ def resolve_model(
     )
     if row is None:
         raise ModelSpecError(
-            f"unknown model {ref!r}: use a built-in id ({', '.join(sorted(builtin_ids()))}), "
-            'an uploaded model id, or {"timm_name": …, "timm_kwargs": {…}}'
+            f"unknown model {ref!r}: no uploaded model of this tenant has that id; use a built-in id "
+            f"({', '.join(sorted(builtin_ids()))}), a timm or Hub model id, or an uploaded model id"
         )
     stored = {
         "kind": "upload",
@@ -89,16 +134,13 @@ def resolve_model(
     return ResolvedModel(row.id, stored, spec_from_stored(stored, store, cache_dir))
 
 
-PRETRAINED_REFUSED = (
-    "timm_kwargs.pretrained: this service runs offline and downloads no weights; upload them with "
-    "POST /v1/models (safetensors, or a .pth state dict) and name the returned model id"
-)
+PRETRAINED_REFUSED = PRETRAINED_KWARG_REFUSED
 
 
 def refuse_pretrained(timm_kwargs: dict[str, Any]) -> None:
-    """``pretrained`` would make timm fetch weights from the model hub (46.8 s before it failed offline):
-    refused at once, unless it is literally ``false``."""
-    if "pretrained" in timm_kwargs and timm_kwargs["pretrained"] is not False:
+    """``timm_kwargs.pretrained`` is not how pretrained weights are asked for (the model id is): refused at
+    once, before anything could reach for the hub."""
+    if "pretrained" in timm_kwargs:
         raise ModelSpecError(PRETRAINED_REFUSED)
 
 
@@ -121,16 +163,21 @@ def model_file(store: ArtifactStore, sha256: str, cache_dir: Path) -> Path:
     return target
 
 
-def spec_from_stored(stored: dict[str, Any], store: ArtifactStore, cache_dir: Path) -> Any:
+def spec_from_stored(stored: dict[str, Any], store: ArtifactStore, cache_dir: Path,
+                     hub: HubPolicy = NO_HUB) -> Any:
+    """The core spec of a job row's model; a hub id's config is read through ``hub`` (the worker's policy:
+    it may download it when online)."""
     kind = stored["kind"]
     if kind == "builtin":
         return _builtin_spec(stored["id"])
     spec: dict[str, Any] = {"timm_name": stored["timm_name"], "timm_kwargs": stored["timm_kwargs"]}
+    if stored.get("preprocess"):
+        spec["preprocess"] = stored["preprocess"]
+    if stored.get("weights"):
+        spec["weights"] = stored["weights"]
     if kind == "upload":
         spec["checkpoint"] = str(model_file(store, stored["sha256"], cache_dir))
-        if stored.get("preprocess"):
-            spec["preprocess"] = stored["preprocess"]
-    return resolve_model_spec(spec)
+    return resolve_model_spec(spec, hub)
 
 
 def describe_data(session: Session, *, tenant_id: str, ref: str, role: str) -> dict[str, Any]:
@@ -169,7 +216,12 @@ def _channels(image_shape: list[int]) -> int:
 
 
 def check_data_fits(spec: Any, info: dict[str, Any], *, role: str) -> None:
-    """Core converts 1↔C channels and resizes uint8 images; anything else that cannot fit is a 422."""
+    """Core converts 1↔C channels and resizes uint8 images; anything else that cannot fit is a 422. A spec
+    of ``None`` (a hub config the worker fetches) is checked there."""
+    if spec is None:
+        if role == "evaluation" and not info.get("has_labels"):
+            raise DatasetError("evaluation: the dataset has no labels, so accuracy cannot be measured")
+        return
     input_size = [int(v) for v in spec.preprocess.input_size] if spec.preprocess is not None else None
     shape = [int(v) for v in info["image_shape"]]
     if input_size is not None:

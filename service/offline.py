@@ -1,8 +1,10 @@
-"""The service runs offline: the model hub libraries are told so in every service process.
+"""Every service process runs with the model hub libraries switched offline.
 
-Why: ``timm_kwargs: {"pretrained": true}`` made the API try the hub for 46.8 s before failing. The
-service refuses ``pretrained`` at once (``service.job_inputs.refuse_pretrained``); this makes any other
-path to the hub fail at once too, instead of waiting on the network.
+Why: ``timm_kwargs: {"pretrained": true}`` made the API try the hub for 46.8 s before failing. Hub
+weights now come only through ``core.hub_weights`` under the operator's policy (``VITQ_HUB_ACCESS``):
+the API reads the model cache at most, and a worker with ``online`` access lifts the switch for its own
+download only (``core.hub_weights._network_allowed``). Any other path to the hub (a library reaching for
+it on its own) still fails at once instead of waiting on the network.
 """
 
 from __future__ import annotations

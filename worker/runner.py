@@ -297,6 +297,8 @@ class JobInputs:
     exports: tuple[str, ...] = ("onnx",)
     target: dict[str, Any] | None = None
     """An accuracy target (``core.TargetSpec`` as a dict) instead of fixed bits."""
+    allow_chance_fp: bool = False
+    """Go on with a float model at chance level (``core.float_model``) instead of failing early."""
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
@@ -326,7 +328,7 @@ def run_job(
         assert row is not None  # claimed a moment ago
         job = JobInputs(row.id, row.tenant_id, row.model_key, row.model_spec, row.config, row.calibration,
                         row.evaluation, tuple((row.request or {}).get("exports", ("onnx",))),
-                        (row.request or {}).get("target"))
+                        (row.request or {}).get("target"), bool((row.request or {}).get("allow_chance_fp")))
     scratch = Path(tempfile.mkdtemp(prefix=f"vitq-{job_id}-"))
     limits = Limits(max_members=settings.max_archive_members, max_bytes=settings.max_archive_bytes)
     try:
@@ -334,7 +336,8 @@ def run_job(
             try:
                 store = get_store(settings.resolved_storage_dir)
                 with session_scope(db_url) as session:
-                    spec = spec_from_stored(job.model_spec, store, settings.resolved_cache_dir)
+                    hub = settings.hub_policy()  # hub ids: config and weights fetched here (fetch_weights stage)
+                    spec = spec_from_stored(job.model_spec, store, settings.resolved_cache_dir, hub=hub)
                     cache = settings.resolved_cache_dir / "datasets"
                     calibration = data_path(session, store, ref=job.calibration, cache_dir=cache, limits=limits)
                     evaluation = (
@@ -343,7 +346,8 @@ def run_job(
                         else None
                     )
                 common = dict(calibration=calibration, evaluation=evaluation, out_dir=scratch / "out",
-                              progress=monitor.progress, should_stop=monitor.should_stop, exports=job.exports)
+                              progress=monitor.progress, should_stop=monitor.should_stop, exports=job.exports,
+                              hub_policy=hub, allow_chance_fp=job.allow_chance_fp)
                 if job.target is not None:
                     report = run_target_search(spec, TargetSpec.from_dict(job.target),
                                                QuantConfig.from_dict(job.config), **common)

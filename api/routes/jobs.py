@@ -71,7 +71,7 @@ def create_job(
     model_ref = body.model.model_dump() if not isinstance(body.model, str) else body.model
     model = resolve_model(
         session, store, tenant_id=tenant.id, ref=model_ref, cache_dir=settings.resolved_cache_dir,
-        max_parameters=settings.max_model_parameters,
+        max_parameters=settings.max_model_parameters, hub=settings.hub_policy(),
     )
     calib = describe_data(session, tenant_id=tenant.id, ref=body.calibration, role="calibration")
     check_data_fits(model.spec, calib, role="calibration")

@@ -23,13 +23,17 @@ def test_builtin_reference_model_is_bundled_with_its_preprocessing():
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ("resnet50", "unsupported timm model"),
+    ("resnet50", "unknown model 'resnet50'"),
+    ("deit_smal_patch16_224", "did you mean deit_small_patch16_224"),
+    ("deit_small_patch16_224.in1k", "its tags: fb_in1k"),
+    ("hf-hub:no slash", "org/repo"),
     ({"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"checkpoint_path": "/etc/passwd"}}, "may not set"),
     ({"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"no_such_kwarg": 1}}, "could not build"),
     ({"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"embed_dim": 30720, "depth": 64}}, "limit"),
     ({"timm_name": "vit_tiny_patch16_224", "bogus": 1}, "unknown model spec field"),
     ({"timm_name": "vit_tiny_patch16_224", "preprocess": {"std": [0.0, 1.0, 1.0]}}, "std must be positive"),
-    (42, "built-in id"),
+    (42, "model id"),
+    ({"timm_name": "vit_tiny_patch16_224", "weights": "trained"}, "weights must be pretrained or random"),
 ])
 def test_bad_model_specs_get_a_clear_error(value, message):
     with pytest.raises(ModelSpecError, match=message):
@@ -76,10 +80,9 @@ def test_a_pth_pickle_that_would_run_code_is_refused(tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
-def test_pretrained_without_the_hub_says_how_to_supply_weights(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelSpecError, match="upload the weights"):
-        build_model(resolve_model_spec({"timm_name": "deit_tiny_patch16_224", "timm_kwargs": {"pretrained": True}}))
+def test_timm_kwargs_pretrained_is_refused_for_the_model_id(monkeypatch):
+    with pytest.raises(ModelSpecError, match="timm name or hub id means its pretrained weights"):
+        resolve_model_spec({"timm_name": "deit_tiny_patch16_224", "timm_kwargs": {"pretrained": True}})
 
 
 @pytest.mark.parametrize("fields", [

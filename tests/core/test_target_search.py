@@ -14,7 +14,7 @@ from core.models import resolve_model_spec
 from core.target_search import pareto_front, run_target_search, split_evaluation
 
 CALIB, EVAL = "fashion-mnist:train:32", "fashion-mnist:test:100"
-TINY = {"timm_name": "vit_tiny_patch16_224",  # random weights: for what needs no accuracy
+TINY = {"timm_name": "vit_tiny_patch16_224", "weights": "random",  # for what needs no accuracy
         "timm_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 2},
         "preprocess": {"mean": [0.286], "std": [0.353], "input_size": [1, 28, 28]}}
 
