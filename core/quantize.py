@@ -23,8 +23,19 @@ from core.calibrate import calibrate_activations, init_weight_quantizers
 from core.config import ACT_INIT_IMAGES, CalibrationOrder, Method, QuantConfig
 from core.device import resolve_device
 from core.errors import CancelledError, DatasetError
+from core.execution import current as current_execution
 from core.quantizers import LogSqrt2Quantizer, SelectQuantizer
-from core.reconstruct import capture_unit_io, chain_links, holdout_split, reconstruct_unit, run_unit
+from core.reconstruct import (
+    UnitResult,
+    capture_unit_io,
+    chain_links,
+    has_nothing_to_learn,
+    holdout_split,
+    reconstruct_unit,
+    reconstruct_units,
+    run_unit,
+    trainable_parameters,
+)
 from core.reparameterize import reparameterize
 from core.unit_cache import UnitCache, fingerprint
 from core.wrap import find_ln_pairs, find_units, set_quant_state, wrap_model
@@ -72,6 +83,31 @@ def _check_stop(should_stop: StopFn | None) -> None:
         raise CancelledError("cancelled")
 
 
+def _unit_log(stage: str, name: str, result: UnitResult) -> dict[str, Any]:
+    return {"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end,
+            "loss_trained": result.loss_trained, "reverted": result.reverted, "skipped": result.skipped,
+            **({"softmax_quantizers": result.softmax_choice} if result.softmax_choice else {})}
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes held by ``tensors``, each storage once (a unit's input is often its neighbour's target)."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@dataclass
+class _Job:
+    """A unit waiting for its optimisation: where it is, its cached inputs and targets, its cache key."""
+
+    index: int
+    name: str
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    key: tuple | None
+
+
 def _reconstruct_all(
     stage: str,
     model: nn.Module,
@@ -84,6 +120,7 @@ def _reconstruct_all(
     split: tuple[torch.Tensor, torch.Tensor],
     choose_softmax: bool = False,
     cache: tuple[UnitCache, tuple] | None = None,
+    concurrent: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Reconstruct every unit in forward order.
 
@@ -91,16 +128,54 @@ def _reconstruct_all(
     the quantized model with every earlier unit already reconstructed (stage 3). Where a unit
     feeds the next directly, the next input is computed from the cached one in a single pass.
     With ``cache`` (a ``UnitCache`` and the data fingerprint) a unit reconstructed before under the
-    same key is restored instead of optimised again.
+    same key is restored instead of optimised again. A unit with nothing quantized in it and float
+    inputs (stage 1's patch embedding) is skipped without capturing or running anything.
+
+    With float inputs the units are independent, and ``concurrent`` (default: ``core.execution``'s
+    ``concurrent_stage1``) trains them together, in waves of at most ``wave_bytes`` of cached tensors,
+    one optimiser step per iteration for all of a wave (``core.reconstruct.reconstruct_units``): the
+    same parameters as one unit after another.
     """
+    execution = current_execution()
+    concurrent = inputs_from_fp and (execution.concurrent_stage1 if concurrent is None else concurrent)
     units = find_units(model)
     links = chain_links(fp_model, units, images[:2])
-    log = []
+    log: list[dict[str, Any] | None] = []
     batch = max(config.batch_size, 64)
     fp_in = q_in = fp_out = None
+    wave: list[_Job] = []
+
+    def run_wave() -> None:
+        if not wave:
+            return
+        done_before, first, last = progress.done, wave[0], wave[-1]
+        label = first.name if len(wave) == 1 else f"{first.name} to {last.name} ({len(wave)} at once)"
+
+        def on_step(step: int) -> None:
+            progress.done = done_before + (step + 1) * len(wave)
+            progress.emit(stage, label, last.index, len(units))
+
+        results = reconstruct_units(
+            [(model.get_submodule(job.name), job.inputs, job.targets, config.seed * 1000 + job.index)
+             for job in wave],
+            iters=config.iters, batch_size=config.batch_size, lr=config.lr, on_step=on_step,
+            should_stop=should_stop, choose_softmax=choose_softmax, split=split,
+        )
+        progress.done = done_before + len(wave) * config.iters
+        for job, result in zip(wave, results, strict=True):
+            progress.emit(stage, job.name, job.index, len(units), loss=result.loss_end)
+            log[job.index] = _unit_log(stage, job.name, result)
+            if cache is not None:
+                cache[0].put(job.key, model.get_submodule(job.name), log[job.index])
+        wave.clear()
+
     for u, name in enumerate(units):
         _check_stop(should_stop)
-        if links[u]:
+        unit = model.get_submodule(name)
+        idle = inputs_from_fp and config.iters > 0 and bool(trainable_parameters(unit)) and has_nothing_to_learn(unit)
+        if idle:  # its loss is zero: nothing to capture or run (the next unit captures its own input)
+            fp_in = q_in = fp_out = None
+        elif links[u] and fp_out is not None:
             prev_q_in = q_in
             fp_in = fp_out
             q_in = fp_in if inputs_from_fp else run_unit(model.get_submodule(units[u - 1]), prev_q_in, batch)
@@ -108,14 +183,30 @@ def _reconstruct_all(
         else:
             fp_in = capture_unit_io(fp_model, name, images, batch, output=False)
             q_in = fp_in if inputs_from_fp else capture_unit_io(model, name, images, batch, output=False)
-        fp_out = run_unit(fp_model.get_submodule(name), fp_in, batch)
+        if not idle:
+            fp_out = run_unit(fp_model.get_submodule(name), fp_in, batch)
         key = cache[0].key(stage, config, units, u, cache[1]) if cache is not None else None
         hit = cache[0].get(key) if cache is not None else None
         if hit is not None:
-            UnitCache.restore(model.get_submodule(name), hit[0])
+            UnitCache.restore(unit, hit[0])
             progress.done += config.iters
             progress.emit(stage, name, u, len(units), loss=hit[1].get("loss_end"))
             log.append({**hit[1], "cached": True})
+            continue
+        if idle:
+            progress.done += config.iters  # a skipped unit reports all its steps at once
+            progress.emit(stage, name, u, len(units))
+            result = UnitResult(0.0, 0.0, skipped=True)
+            progress.emit(stage, name, u, len(units), loss=result.loss_end)
+            log.append(_unit_log(stage, name, result))
+            if cache is not None:
+                cache[0].put(key, unit, log[-1])
+            continue
+        log.append(None)
+        if concurrent:
+            wave.append(_Job(u, name, q_in, fp_out, key))
+            if _storage_bytes([t for job in wave for t in (job.inputs, job.targets)]) >= execution.wave_bytes:
+                run_wave()
             continue
 
         def on_step(step: int, u: int = u, name: str = name, done_before: int = progress.done) -> None:
@@ -123,16 +214,15 @@ def _reconstruct_all(
             progress.emit(stage, name, u, len(units))
 
         result = reconstruct_unit(
-            model.get_submodule(name), q_in, fp_out, iters=config.iters, batch_size=config.batch_size,
+            unit, q_in, fp_out, iters=config.iters, batch_size=config.batch_size,
             lr=config.lr, seed=config.seed * 1000 + u, on_step=on_step, should_stop=should_stop,
             choose_softmax=choose_softmax, split=split,
         )
         progress.emit(stage, name, u, len(units), loss=result.loss_end)
-        log.append({"stage": stage, "unit": name, "loss_start": result.loss_start, "loss_end": result.loss_end,
-                    "loss_trained": result.loss_trained, "reverted": result.reverted, "skipped": result.skipped,
-                    **({"softmax_quantizers": result.softmax_choice} if result.softmax_choice else {})})
+        log[-1] = _unit_log(stage, name, result)
         if cache is not None:
-            cache[0].put(key, model.get_submodule(name), log[-1])
+            cache[0].put(key, unit, log[-1])
+    run_wave()
     return log
 
 

@@ -51,6 +51,8 @@ class ActQuantizer(nn.Module):
             return self.quantize(x) if self.quantize_after_calibration else x
         if not self.enabled:
             return x
+        if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # a fast-arithmetic training step (core.execution): quantizers stay in float32
         return self.quantize(x)
 
     def extra_repr(self) -> str:

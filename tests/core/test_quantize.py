@@ -46,7 +46,9 @@ def test_progress_counts_every_step_of_both_stages_in_order():
     # stage 1's patch embedding has nothing quantized before it: skipped, its 3 steps reported at once
     first = [e for e in steps if e["stage"] == "stage1" and e["unit"] == "patch_embed"]
     assert [e["done"] for e in first] == [3]
-    assert done[1:] == list(range(4, 2 * units * 3 + 1))
+    # the other three train together in stage 1 (one step moves all three), one after another in stage 3
+    assert done[1:4] == [6, 9, 12] and {e["unit"] for e in steps[1:4]} == {"blocks.0 to head (3 at once)"}
+    assert done[4:] == list(range(13, 2 * units * 3 + 1))
     assert {e["stage"] for e in events} >= {"calibrate", "stage1", "stage2", "stage3"}
 
 
