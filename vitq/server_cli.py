@@ -55,9 +55,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from api.app import create_app
+    from api.http_server import serve
 
     settings = _settings()
     if args.workers > 1:  # separate processes import the app themselves: settings come from VITQ_*
@@ -65,10 +64,10 @@ def cmd_api(args: argparse.Namespace) -> int:
             import tempfile
 
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vitq-metrics-")
-        uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port,
-                    log_level=args.log_level, workers=args.workers)
+        serve("api.app:create_app", settings, factory=True, host=args.host, port=args.port,
+              log_level=args.log_level, workers=args.workers)
     else:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        serve(create_app(settings), settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -88,10 +87,9 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded default: SQLite + filesystem broker + local store, the API and one worker process."""
-    import uvicorn
-
     import migrations
     from api.app import create_app
+    from api.http_server import serve
 
     _set_data_dir(args.data_dir or os.environ.get("VITQ_DATA_DIR") or ".vitq")
     settings = _settings()
@@ -113,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        serve(create_app(settings), settings, host=args.host, port=args.port, log_level=args.log_level)
     except KeyboardInterrupt:
         pass
     finally:
