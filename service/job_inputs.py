@@ -90,20 +90,21 @@ def resolve_model(
             stored[name] = fields[name]
     refuse_pretrained(stored["timm_kwargs"])
     parsed = parse_model_id(stored["timm_name"], builtin_ids())
-    wants_hub = stored.get("weights") != "random" and parsed.hub is not None
-    if wants_hub:
-        hub.check_allowed(parsed.hub, parsed.text)
     local = hub.without_network()  # the API reads the cache at most; the worker downloads
-    if parsed.kind == "hub" and hub_config(local, parsed.hub, parsed.text) is None:
-        if hub.access != HubAccess.ONLINE:
-            raise unavailable(parsed.hub, parsed.text, f"the model cache {hub.cache_dir} does not hold it", hub)
-        return ResolvedModel(parsed.text, stored, None)
+    if parsed.kind == "hub":  # the architecture is in the repository's config.json
+        hub.check_allowed(parsed.hub, parsed.text)
+        if hub_config(local, parsed.hub, parsed.text) is None:
+            if hub.access != HubAccess.ONLINE:
+                raise unavailable(parsed.hub, parsed.text, f"the model cache {hub.cache_dir} does not hold it", hub)
+            return ResolvedModel(parsed.text, stored, None)
     spec = spec_from_stored(stored, store, cache_dir, hub=local)
+    check_buildable(spec, max_parameters=max_parameters)  # a spec timm cannot build: its own, precise 422
     if spec.weights_kind == "none":
         raise no_weights_error(spec)
-    if spec.weights_kind == "hub" and hub.access != HubAccess.ONLINE:
-        require_cached(local, spec.hub, parsed.text)  # cache-only: refused now if not cached
-    check_buildable(spec, max_parameters=max_parameters)
+    if spec.weights_kind == "hub":
+        hub.check_allowed(spec.hub, parsed.text)
+        if hub.access != HubAccess.ONLINE:
+            require_cached(local, spec.hub, parsed.text)  # cache-only: refused now if not cached
     return ResolvedModel(parsed.text, stored, spec)
 
 

@@ -87,8 +87,8 @@ def test_labels_out_of_range_are_refused_before_anything_is_stored(service, labe
 def test_labels_beyond_the_models_classes_are_refused_for_a_job(service):
     body = _upload(service, "many.npz", _npz(x=np.zeros((8, 28, 28), np.uint8), y=np.arange(8) * 200)).json()
     assert body["num_classes"] == 1401
-    timm_1000 = {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"img_size": 28, "patch_size": 4,
-                                                                     "in_chans": 1}}  # 1000 classes
+    timm_1000 = {"timm_name": "vit_tiny_patch16_224", "weights": "random",
+                 "timm_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1}}  # 1000 classes
     response = service.client.post(
         "/v1/jobs", json={**JOB, "model": timm_1000, "evaluation": body["id"]}, headers=auth(service.key_a)
     )
@@ -123,7 +123,8 @@ def test_a_deep_model_within_the_limit_is_counted_without_being_built(service):
     started = time.process_time()
     response = service.client.post(  # 120 blocks of ViT-Tiny: 64 M parameters, 2.6 s to build on meta
         "/v1/jobs",
-        json={**JOB, "model": {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {"depth": 120}}},
+        json={**JOB, "model": {"timm_name": "vit_tiny_patch16_224", "weights": "random",
+                               "timm_kwargs": {"depth": 120}}},
         headers=auth(service.key_a),
     )
     assert response.status_code == 202, response.text
@@ -142,7 +143,7 @@ def test_pretrained_is_refused_at_once(service, value):
         headers=auth(service.key_a),
     )
     message = _error(response, 422, "invalid_model")
-    assert "upload them with POST /v1/models" in message
+    assert "timm name or hub id means its pretrained weights" in message and '"weights": "random"' in message
     assert time.monotonic() - started < 2
     upload = service.client.post(
         "/v1/models",
@@ -151,7 +152,7 @@ def test_pretrained_is_refused_at_once(service, value):
               "timm_kwargs": json.dumps({**FMNIST_TIMM["timm_kwargs"], "pretrained": value})},
         headers=auth(service.key_a),
     )
-    assert "downloads no weights" in _error(upload, 422, "invalid_model")
+    assert "timm_kwargs.pretrained is not taken" in _error(upload, 422, "invalid_model")
 
 
 def test_the_api_process_has_the_hub_offline(service):
