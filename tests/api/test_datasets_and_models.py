@@ -252,6 +252,7 @@ def test_dataset_shape_must_fit_model(service, tmp_path):
     four_channel = {
         "timm_name": "vit_tiny_patch16_224",
         "timm_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 4, "num_classes": 10},
+        "weights": "random",
     }
     cases = [
         ({"model": four_channel, "calibration": ids["rgb"]}, "channels"),
