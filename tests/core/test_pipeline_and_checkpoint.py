@@ -149,7 +149,7 @@ def test_cli_reports_user_errors_in_one_line_with_exit_status_2(capsys):
     code = cli_main(["quantize", "--model", "no-such-model", "--w-bits", "4", "--a-bits", "4",
                      "--calib", "fashion-mnist:train:8", "--out", "/tmp/never"])
     assert code == 2
-    assert "unsupported timm model 'no-such-model'" in capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert cli_main(["quantize", "--model", "fmnist-vit-tiny", "--w-bits", "9", "--a-bits", "4",
                      "--calib", "fashion-mnist:train:8", "--out", "/tmp/never"]) == 2
 
