@@ -79,8 +79,8 @@ def test_a_mixed_model_saves_loads_and_exports_bit_for_bit(tmp_path):
     code_types = {node.input[0]: inits[node.input[0]] for node in graph.node
                   if node.op_type == "DequantizeLinear" and node.input[0] in inits}
     four_bit = [n for n, dtype in code_types.items() if dtype == TensorProto.UINT4]
-    eight_bit = [n for n, dtype in code_types.items() if dtype == TensorProto.UINT8]
-    # blocks.0 and the patch embedding (3 bits) go to uint4; blocks.1 (8) and the head (6) stay uint8
+    eight_bit = [n for n, dtype in code_types.items() if dtype == TensorProto.INT8]
+    # blocks.0 and the patch embedding (3 bits) go to uint4; blocks.1 (8) and the head (6) are int8 (codes - 128)
     assert any("blocks.0" in n for n in four_bit) and not any("blocks.1" in n or "head" in n for n in four_bit)
     assert any("blocks.1" in n for n in eight_bit) and any("head" in n for n in eight_bit)
     assert read_onnx_metadata(onnx_path)["per_unit_bits"] == MIXED
