@@ -325,3 +325,69 @@ def test_a_4_bit_channel_entirely_below_zero_keeps_its_zero_point_in_uint8(tmp_p
         ref = qmodel.model(x)
     (out,) = session(path, optimize=False).run(None, {"images": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_w4a16_is_weight_only_runs_on_matmulnbits_and_reports_the_default_session(tmp_path):
+    """a_bits 16: no activation quantizer in the file; ONNX Runtime fuses the uint4 weights into
+    MatMulNBits, which at accuracy level 1 computes the graph exactly. With default options it
+    re-quantizes activations to int8, so evaluate_onnx_as_deployed measures that session too."""
+    import onnxruntime as ort
+
+    from core.export import evaluate_onnx_as_deployed, has_4bit_weights
+    from core.quantizers import FloatActivation
+
+    qmodel = quantize(small_vit(), QuantConfig(w_bits=4, a_bits=16, method="isvit", preset="smoke", iters=0,
+                                               calib_size=16), _images("vit", 16, 0))
+    acts = [q for _, q in quantizers(qmodel.model)]
+    assert acts and all(isinstance(q, FloatActivation) and not q.enabled for q in acts)
+    path = export_onnx(qmodel.model, tmp_path / "model.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["QuantizeLinear"] == 0 and ops["Log"] == 0 and has_4bit_weights(path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert fused["MatMulNBits"] >= 4 * 2, fused
+    x = _images("vit", 4, 1)
+    with torch.no_grad():
+        ref = qmodel.model(x)
+    (out,) = session(path).run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-4, rtol=1e-4)
+    npz = tmp_path / "eval.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x=rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 8))
+    result = evaluate_onnx_as_deployed(path, load_dataset(str(npz), resolve_model_spec("fmnist-vit-tiny").preprocess))
+    assert result["default_options"]["n"] == result["accuracy_level_1"]["n"] == 8
+    assert isinstance(result["differ"], bool)
+
+
+def test_bench_deploy_times_fp32_ort_and_vitq_files_and_writes_json(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = small_vit()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
+    spec = {"timm_name": "vit_tiny_patch16_224", "checkpoint": "tiny.safetensors",
+            "timm_kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 2},
+            "preprocess": {"mean": [0.286], "std": [0.353], "input_size": [1, 28, 28], "crop_pct": 1.0}}
+    (tmp_path / "tiny.json").write_text(json.dumps(spec))
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench-deploy", str(tmp_path / "tiny.json"), "--configs", "w8a8,w4a16", "--preset", "smoke",
+                     "--calib", "fashion-mnist:train:16", "--ort-calib-size", "8", "--eval", "fashion-mnist:test:16",
+                     "--runs-batch1", "2", "--runs-batch64", "1", "--no-openvino", "--work", str(tmp_path / "w"),
+                     "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| ORT quantize_static |" in table and "| vitq W4A16 |" in table
+    files = {f["name"]: f for f in json.loads(out.read_text())["files"]}
+    assert list(files) == ["FP32 ONNX", "ORT quantize_static", "vitq W8A8", "vitq W4A16"]
+    assert files["FP32 ONNX"]["onnxruntime"]["batch_64"]["ratio_to_fp32"] == 1.0
+    for name in ("ORT quantize_static", "vitq W8A8", "vitq W4A16"):
+        f = files[name]
+        assert f["bytes"] < files["FP32 ONNX"]["bytes"] and f["n"] == 16 and "logit_sqnr_db" in f
+        assert f["onnxruntime"]["batch_1"]["runs"] == 2 and f["onnxruntime"]["batch_1"]["ratio_to_fp32"] > 0
+    assert files["vitq W8A8"]["execution_onnxruntime"].startswith("integer")
+    assert "default_session_top1" in files["vitq W4A16"] and "default_session_top1" not in files["vitq W8A8"]
+
+
+def test_bench_deploy_refuses_a_configuration_it_cannot_build(capsys):
+    assert cli_main(["bench-deploy", "fmnist-vit-tiny", "--configs", "w4a12", "--no-openvino"]) == 2
+    assert "w4a12" in capsys.readouterr().err
