@@ -94,7 +94,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                        device=args.device)
         else:
             report = run_quantization(args.model, config, args.calib, args.eval, args.out, progress=bar,
-                                      device=args.device)
+                                      device=args.device, allow_chance_fp=args.allow_chance_fp)
     finally:
         bar.close()
     out = Path(args.out)
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: fashion-mnist:train[:N], .npz, dir or archive")
     q.add_argument("--eval", "--evaluation", "--data", dest="eval", help="evaluation data (labelled)")
     q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--allow-chance-fp", action="store_true",
+                   help="go on when the float model's top-1 is at chance on the evaluation data (said in the report)")
     q.add_argument("--batch-size", type=int)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS,

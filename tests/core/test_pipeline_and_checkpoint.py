@@ -128,7 +128,7 @@ def test_cli_quantize_on_an_unseen_swin_given_as_spec_json_and_safetensors(tmp_p
     out = tmp_path / "out"
     code = cli_main(["quantize", "--model", str(tmp_path / "spec.json"), "--w-bits", "4", "--a-bits", "4",
                      "--preset", "smoke", "--calib", "fashion-mnist:train:16", "--eval", "fashion-mnist:test:32",
-                     "--out", str(out), "--quiet"])
+                     "--out", str(out), "--quiet", "--allow-chance-fp"])  # random weights: chance is expected
     assert code == 0
     printed = capsys.readouterr().out
     assert "quant top-1" in printed and "FP top-1" in printed
