@@ -179,8 +179,7 @@ def _vitq_files(args: argparse.Namespace, work: Path) -> tuple[Any, list[DeployF
     target = args.model
     if target.endswith(".safetensors") and Path(target).is_file():
         header = read_checkpoint_metadata(target)
-        model_header = header["model"]  # its float weights: the built-in or uploaded model it names
-        spec = resolve_model_spec(model_header["id"]) if model_header.get("id") else make_spec(model_header)
+        spec = make_spec({**header["model"], "checkpoint": None})
         name = f"vitq W{header['w_bits']}A{header['a_bits']}"
         path = export_checkpoint(target, work / "vitq-checkpoint.onnx")
         info = {"source": "checkpoint", "w_bits": header["w_bits"], "a_bits": header["a_bits"],
