@@ -86,9 +86,6 @@ PRESETS: dict[Preset, PresetValues] = {
 }
 
 MIN_BITS, MAX_BITS = 2, 8
-FLOAT_ACTIVATIONS = 16
-"""``a_bits = 16``: weight-only quantization, the activations stay float (W4A16: 4-bit weights that
-ONNX Runtime runs through ``MatMulNBits``). Weights are always 2 to 8 bits."""
 ACT_INIT_IMAGES = 64
 """Activation and weight quantizers are initialised on this many calibration images (paper)."""
 
@@ -122,8 +119,8 @@ class QuantConfig:
             _coerce_enum(self, name, enum)
         if self.softmax_quantizer is not None:
             _coerce_enum(self, "softmax_quantizer", SoftmaxQuantizer)
-        _check_bits("w_bits", self.w_bits)
-        _check_bits("a_bits", self.a_bits, activations=True)
+        for name in ("w_bits", "a_bits"):
+            _check_bits(name, getattr(self, name))
         if self.per_unit_bits is not None:
             object.__setattr__(self, "per_unit_bits", _normalise_per_unit_bits(self.per_unit_bits))
         for name, low in (("iters", 0), ("calib_size", 1), ("batch_size", 1)):
@@ -228,15 +225,11 @@ class QuantConfig:
         return cls(**data)
 
 
-def _check_bits(name: str, value: Any, activations: bool = False) -> int:
-    """2 to 8 bits; activations also 16 (``FLOAT_ACTIVATIONS``: not quantized)."""
+def _check_bits(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidConfigError(f"{name} must be an integer, got {value!r}")
-    if activations and value == FLOAT_ACTIVATIONS:
-        return value
     if not MIN_BITS <= value <= MAX_BITS:
-        also = f", or {FLOAT_ACTIVATIONS} for float activations (weight-only)" if activations else ""
-        raise InvalidConfigError(f"{name} must be between {MIN_BITS} and {MAX_BITS}{also}, got {value}")
+        raise InvalidConfigError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {value}")
     return value
 
 
@@ -258,7 +251,7 @@ def _normalise_per_unit_bits(value: Any) -> dict[str, tuple[int, int]]:
         if not isinstance(bits, list | tuple) or len(bits) != 2:
             raise InvalidConfigError(f"per_unit_bits[{unit!r}] must be {{w_bits, a_bits}}, got {bits!r}")
         out[unit] = (_check_bits(f"per_unit_bits[{unit!r}].w_bits", bits[0]),
-                     _check_bits(f"per_unit_bits[{unit!r}].a_bits", bits[1], activations=True))
+                     _check_bits(f"per_unit_bits[{unit!r}].a_bits", bits[1]))
     return out
 
 

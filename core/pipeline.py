@@ -23,13 +23,7 @@ from core.config import ACT_INIT_IMAGES, Preset, QuantConfig
 from core.data import ImageDataset, load_dataset
 from core.device import resolve_device
 from core.evaluate import accuracy, agreement, dataset_labels, predict_logits
-from core.export.artifacts import (
-    DEFAULT_EXPORTS,
-    check_exports,
-    fp32_parameter_bytes,
-    onnx_accuracy_as_deployed,
-    write_exports,
-)
+from core.export.artifacts import DEFAULT_EXPORTS, check_exports, fp32_parameter_bytes, write_exports
 from core.finite_json import finite_json
 from core.float_model import check_fp_accuracy, load_float_model, weights_record
 from core.hub_weights import HubPolicy
@@ -238,12 +232,6 @@ def write_run_outputs(
     report["exports"] = write_exports(qmodel.model, out, exports, report, fingerprint)
     if exports:
         seconds["export"] = time.perf_counter() - t0
-    if run.eval_ds is not None and report["exports"].get("onnx", {}).get("file"):
-        emit("evaluate_onnx")
-        t0 = time.perf_counter()
-        report["onnx_accuracy"] = onnx_accuracy_as_deployed(out / report["exports"]["onnx"]["file"], run.eval_ds,
-                                                            run.quant_metrics)
-        seconds["evaluate_onnx"] = time.perf_counter() - t0
     report["sizes"] = {"fp32_parameters_bytes": fp32_parameter_bytes(run.model), **run.sizes_extra,
                        "checkpoint_bytes": (out / "checkpoint.safetensors").stat().st_size,
                        "onnx_bytes": report["exports"].get("onnx", {}).get("bytes")}

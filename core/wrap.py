@@ -19,16 +19,7 @@ from core.config import Method, QuantConfig, SoftmaxQuantizer
 from core.errors import InvalidConfigError, ModelSpecError
 from core.quant_attention import QuantAttention, QuantWindowAttention, _MatmulQuantizers
 from core.quant_linear import QuantConv2d, QuantLinear
-from core.quantizers import (
-    FLOAT_ACTIVATION_BITS,
-    SULQ,
-    ActQuantizer,
-    FloatActivation,
-    Log2Quantizer,
-    LogSqrt2Quantizer,
-    SelectQuantizer,
-    UniformQuantizer,
-)
+from core.quantizers import SULQ, ActQuantizer, Log2Quantizer, LogSqrt2Quantizer, SelectQuantizer, UniformQuantizer
 from core.swin_padding import pad_with_pad_value
 
 UNIT_TYPES = (Block, SwinTransformerBlock, PatchMerging)
@@ -110,19 +101,12 @@ def wrap_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     def bits(path: str) -> tuple[int, int]:
         return config.unit_bits(unit_of(path, units))
 
-    def act(a_bits: int, channel: bool = False) -> ActQuantizer:
-        if a_bits == FLOAT_ACTIVATION_BITS:  # weight-only: the activation stays float
-            return FloatActivation()
+    def act(a_bits: int, channel: bool = False) -> UniformQuantizer:
         return UniformQuantizer(a_bits, channel_dim=-1 if channel else None)
 
     def quant_linear(linear: nn.Linear, path: str) -> QuantLinear:
         w_bits, a_bits = bits(path)
         return QuantLinear.from_float(linear, w_bits, act(a_bits, id(linear) in post_ln))
-
-    def post_softmax(a_bits: int) -> ActQuantizer:
-        if a_bits == FLOAT_ACTIVATION_BITS:
-            return FloatActivation()
-        return softmax_quantizer(config.softmax_quantizer, a_bits, config.integer_exponent)
 
     def child_path(parent_name: str, name: str) -> str:
         return f"{parent_name}.{name}" if parent_name else name
@@ -135,7 +119,7 @@ def wrap_model(model: nn.Module, config: QuantConfig) -> nn.Module:
                 a_bits = bits(path)[1]
                 quantizers = _MatmulQuantizers(
                     act(a_bits), act(a_bits),
-                    post_softmax(a_bits), act(a_bits),
+                    softmax_quantizer(config.softmax_quantizer, a_bits, config.integer_exponent), act(a_bits),
                 )
                 cls = QuantAttention if isinstance(child, Attention) else QuantWindowAttention
                 try:

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitq.bench_deploy import add_parser as add_bench_deploy_command
 from vitq.cli_args import (
     METHODS,
     PRESETS,
@@ -330,7 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--arms", type=str_list, help="comma-separated subset of: sulq-or-logsqrt2, sulq, log2, "
                                                           "logsqrt2, uniform, sulq-sos-off (default: all)")
         b.set_defaults(func=func)
-    add_bench_deploy_command(sub)  # vitq bench-deploy (vitq/bench_deploy.py)
 
     from vitq.client_cli import add_client_commands
     from vitq.models_cli import register_model_cache_commands

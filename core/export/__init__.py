@@ -12,13 +12,7 @@ from core.export.onnx_export import (
     onnx_metadata,
     read_onnx_metadata,
 )
-from core.export.onnx_runtime import (
-    evaluate_onnx,
-    evaluate_onnx_as_deployed,
-    has_4bit_weights,
-    predict_logits_onnx,
-    session,
-)
+from core.export.onnx_runtime import evaluate_onnx, predict_logits_onnx, session
 
 __all__ = [
     "OPSET",
@@ -28,8 +22,6 @@ __all__ = [
     "onnx_metadata",
     "read_onnx_metadata",
     "evaluate_onnx",
-    "evaluate_onnx_as_deployed",
-    "has_4bit_weights",
     "predict_logits_onnx",
     "session",
 ]

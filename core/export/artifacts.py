@@ -65,18 +65,3 @@ def write_exports(model: nn.Module, out_dir: str | Path, exports: Iterable[str],
         results[fmt] = {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
                         "seconds": round(time.perf_counter() - started, 3)}
     return results
-
-
-def onnx_accuracy_as_deployed(path: Path, dataset: Any, reported: dict[str, Any] | None) -> dict[str, Any]:
-    """``evaluate_onnx_as_deployed`` of the run's file, with ``equals_report`` (the default-options
-    top-1/top-5 against the PyTorch figures the report states). A failure is recorded, not raised."""
-    try:
-        from core.export.onnx_runtime import evaluate_onnx_as_deployed
-
-        result = evaluate_onnx_as_deployed(path, dataset)
-    except Exception as exc:  # noqa: BLE001 - an optional check of an optional artifact
-        return {"error": f"{type(exc).__name__}: {exc}"[:1000]}
-    default = result["default_options"]
-    result["equals_report"] = reported is not None and (default["top1"], default["top5"]) == (
-        reported.get("top1"), reported.get("top5"))
-    return result

@@ -20,18 +20,14 @@ MATMULNBITS_ACCURACY = "1"
 (0.14 logit difference on a test model). Level 1 computes in float32, exactly what the graph says."""
 
 
-def session(path: str | Path, threads: int | None = None, optimize: bool = True, default_options: bool = False):
+def session(path: str | Path, threads: int | None = None, optimize: bool = True):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (default: as many as PyTorch
     uses, which the worker sets to the job's share of the CPUs; ORT's own default is every core it
-    sees, spinning); ``optimize`` False runs the graph as written (no QDQ fusion).
-
-    ``default_options``: what a user who loads the file without vitq's settings gets, i.e. without
-    ``session.qdq_matmulnbits_accuracy_level`` (only the thread counts are still set)."""
+    sees, spinning); ``optimize`` False runs the graph as written (no QDQ fusion)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if not default_options:
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", MATMULNBITS_ACCURACY)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", MATMULNBITS_ACCURACY)
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     if not optimize:
@@ -62,26 +58,3 @@ def evaluate_onnx(path: str | Path, dataset: ImageDataset, threads: int | None =
     """``{"top1", "top5", "n"}`` of the ONNX file on ``dataset``, as ``core.evaluate`` reports a model."""
     labels = dataset_labels(dataset)
     return accuracy(predict_logits_onnx(session(path, threads), dataset), labels)
-
-
-def has_4bit_weights(path: str | Path) -> bool:
-    """Whether the file holds uint4/int4 weight codes: the graphs in which ONNX Runtime's default
-    ``MatMulNBits`` fusion re-quantizes activations, so that default options can change the output."""
-    import onnx
-    from onnx import TensorProto
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(t.data_type in (TensorProto.UINT4, TensorProto.INT4) for t in proto.graph.initializer)
-
-
-def evaluate_onnx_as_deployed(path: str | Path, dataset: ImageDataset, threads: int | None = None) -> dict[str, Any]:
-    """The file's accuracy as a user gets it: with ONNX Runtime's default session options, and, where
-    they can differ (4-bit weights), also with vitq's ``MatMulNBits`` accuracy level 1, which computes
-    exactly what the graph says. ``{"default_options", "accuracy_level_1" (or None), "differ"}``."""
-    labels = dataset_labels(dataset)
-    default = accuracy(predict_logits_onnx(session(path, threads, default_options=True), dataset), labels)
-    exact = None
-    if has_4bit_weights(path):
-        exact = accuracy(predict_logits_onnx(session(path, threads), dataset), labels)
-    differ = exact is not None and (exact["top1"], exact["top5"]) != (default["top1"], default["top5"])
-    return {"default_options": default, "accuracy_level_1": exact, "differ": differ}

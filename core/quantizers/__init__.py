@@ -5,7 +5,6 @@ calibrated once, frozen during reconstruction, and saved in the checkpoint as th
 """
 
 from core.quantizers.base import ActQuantizer, round_ste
-from core.quantizers.float_activation import FLOAT_ACTIVATION_BITS, FloatActivation
 from core.quantizers.log2 import Log2Quantizer, LogSqrt2Quantizer
 from core.quantizers.select import SelectQuantizer
 from core.quantizers.sulq import SULQ
@@ -20,6 +19,4 @@ __all__ = [
     "LogSqrt2Quantizer",
     "SULQ",
     "SelectQuantizer",
-    "FloatActivation",
-    "FLOAT_ACTIVATION_BITS",
 ]

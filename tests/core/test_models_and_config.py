@@ -144,13 +144,3 @@ def test_timm_kwargs_of_the_annotated_json_types_build(timm_name, kwargs):
 def test_timm_kwargs_of_the_wrong_json_type_name_the_kwarg(kwargs, fragment):
     with pytest.raises(ModelSpecError, match=re.escape(fragment)):
         count_parameters(resolve_model_spec({"timm_name": "vit_tiny_patch16_224", "timm_kwargs": kwargs}))
-
-
-def test_a_bits_16_means_weight_only_and_other_widths_are_refused_by_name():
-    config = QuantConfig(w_bits=4, a_bits=16)
-    assert config.bits_label() == "W4A16" and QuantConfig.from_dict(config.to_dict()) == config
-    assert QuantConfig(w_bits=4, a_bits=8, per_unit_bits={"head": {"w_bits": 8, "a_bits": 16}}).mixed
-    for fields, named in (({"w_bits": 16, "a_bits": 8}, "w_bits must be between 2 and 8, got 16"),
-                          ({"w_bits": 4, "a_bits": 12}, "or 16 for float activations")):
-        with pytest.raises(InvalidConfigError, match=named):
-            QuantConfig(**fields)
