@@ -131,7 +131,7 @@ def test_cli_quantize_on_an_unseen_swin_given_as_spec_json_and_safetensors(tmp_p
                      "--out", str(out), "--quiet", "--allow-chance-fp"])  # random weights: chance is expected
     assert code == 0
     printed = capsys.readouterr().out
-    assert "quant top-1" in printed and "FP top-1" in printed
+    assert "top-1      FP " in printed and "-> quantized " in printed
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["timm_name"] == "swin_tiny_patch4_window7_224"
     assert any(r["unit"] == "layers.1.downsample" for r in report["reconstruction"])
