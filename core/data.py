@@ -8,7 +8,6 @@ files are decoded lazily, so a large evaluation set never sits in memory as floa
 from __future__ import annotations
 
 import gzip
-import hashlib
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.archive import is_archive, safe_extract
 from core.errors import DatasetError
+from core.file_hash import sha256_file
 from core.models import Preprocess
 from core.pixel_budget import PixelBudget, PixelCounter, check_image_size
 
@@ -47,13 +47,6 @@ def exception_reason(exc: BaseException) -> str:
     OSError messages name the file by its full path, which here is a server's scratch directory)."""
     return _ABSOLUTE_PATH.sub(r"\1", str(exc))[:300] or type(exc).__name__
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def preprocess_uint8(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:

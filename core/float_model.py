@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from core.errors import ModelSpecError
-from core.hub_weights import HubPolicy, sha256_file
+from core.file_hash import sha256_file
+from core.hub_weights import HubPolicy
 from core.models import ModelSpec, build_model, with_hub_weights
 
 CHANCE_MARGIN_SE = 3.0
@@ -51,9 +52,10 @@ def weights_record(spec: ModelSpec) -> dict[str, Any]:
         return {**spec.fetched.provenance(), "model_id": spec.model_id, "from_cache": not spec.fetched.downloaded}
     if spec.checkpoint is not None:
         path = Path(spec.checkpoint)
+        sha = sha256_file(path)  # hashed once: a checkpoint can be hundreds of MB
         return {"source": "builtin" if spec.id else "checkpoint", "model_id": spec.id,
-                "files": [{"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}],
-                "weights_sha256": sha256_file(path)}
+                "files": [{"name": path.name, "sha256": sha, "bytes": path.stat().st_size}],
+                "weights_sha256": sha}
     return {"source": "random", "model_id": spec.model_id}
 
 

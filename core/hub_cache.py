@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from core.errors import ModelSpecError
-from core.hub_weights import CONFIG_FILE, WEIGHTS_FILES, sha256_file
+from core.file_hash import sha256_file
+from core.hub_weights import CONFIG_FILE, WEIGHTS_FILES
 from core.model_ids import REPO_ID_PATTERN
 
 REPO_PREFIX = "models--"

@@ -19,7 +19,6 @@ does not answer within ``timeout_s`` is reported as unreachable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelSpecError
+from core.file_hash import sha256_file
 from core.model_ids import HubRef
 
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -212,14 +212,6 @@ def _network_allowed() -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = saved
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download(policy: HubPolicy, ref: HubRef, filename: str, progress: ProgressFn | None, index: int,

@@ -6,7 +6,6 @@ report are the run's result, a deployable file is an extra.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from core.errors import InvalidConfigError
+from core.file_hash import sha256_file
 
 EXPORT_FILES = {"onnx": "model.onnx"}
 """Export format → the file name it gets in the run's directory."""
@@ -33,14 +33,6 @@ def check_exports(exports: Iterable[str]) -> tuple[str, ...]:
 def fp32_parameter_bytes(model: nn.Module) -> int:
     """What the model's parameters take as float32: the size a 4-bit file is compared with."""
     return sum(4 * p.numel() for p in model.parameters())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_exports(model: nn.Module, out_dir: str | Path, exports: Iterable[str], report: dict[str, Any],
@@ -62,6 +54,6 @@ def write_exports(model: nn.Module, out_dir: str | Path, exports: Iterable[str],
             path.unlink(missing_ok=True)
             results[fmt] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
             continue
-        results[fmt] = {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
+        results[fmt] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
                         "seconds": round(time.perf_counter() - started, 3)}
     return results
